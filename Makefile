@@ -1,0 +1,31 @@
+# make demo  - set up if needed, build dlrm.mar, start TorchServe, score sample_data.json
+# make test  - set up if needed, run the whole test suite
+# make setup - create .venv/ and install the pinned CPU stack (and the test tools)
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PIP_FLAGS ?=
+
+.PHONY: setup test check-java
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-torchrec.txt requirements-dev.txt
+	@$(MAKE) --no-print-directory check-java
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install $(PIP_FLAGS) --no-deps -r requirements-torchrec.txt
+	$(PY) -c "import torch, fbgemm_gpu, torchrec, ts; print('installed: torch', torch.__version__, '| torchrec', torchrec.__version__)"
+	touch $(STAMP)
+
+check-java:
+	@java -version 2>&1 | grep -qE 'version "(1[7-9]|2[0-9])' || { \
+	  echo "TorchServe 0.12 needs Java 17 (found: $$(java -version 2>&1 | head -1 || echo none))."; \
+	  echo "Install it: Debian/Ubuntu: sudo apt-get install -y openjdk-17-jdk-headless;"; \
+	  echo "macOS: brew install openjdk@17; conda: conda install -c conda-forge openjdk=17"; \
+	  exit 1; }
+
+test: $(STAMP)
+	$(PY) -m pytest tests

@@ -1,0 +1,564 @@
+"""Build a quantized, sharded TorchRec DLRM ready to serve, on CPU or on every visible GPU.
+
+``DLRMFactory(config)`` returns the model (an ``nn.Module``), never a factory instance:
+
+    model(dense_features: Tensor[B, N], sparse_features: KeyedJaggedTensor) -> Tensor[B, 1]
+
+with B the batch size, N = ``dense_in_features``, F the number of sparse features (one
+embedding table each) and D = ``embedding_dim``. The model is in eval mode; its TorchRec
+``ShardingPlan`` is at ``model.plan``.
+
+Pipeline (one small function each, in this order):
+    1. ``select_devices``               cuda:0..world_size-1, or the CPU
+    2. ``build_embedding_bag_configs``  one ``EmbeddingBagConfig`` per table, ``t_<feature>``
+    3. ``build_dlrm``                   ``DLRM`` with its tables on the ``meta`` device
+    4. ``quantize_tables``              TorchRec's ``quantize_embeddings`` to ``quant_dtype``
+    5. ``plan_sharding``                ``EmbeddingShardingPlanner`` over a ``Topology``
+    6. ``shard_tables``                 ``ShardedQuantEmbeddingBagCollection`` allocates shards
+    7. ``fill_tables``                  weights written into the shards: a checkpoint, or a
+                                        seeded random init (TorchRec's uniform +-sqrt(1/rows))
+
+Why a metaclass: TorchServe's ``BaseHandler._load_pickled_model`` imports the model file and
+calls its one class with no arguments, so a file holds exactly one class and that class must
+*return* the model. ``DLRMFactory`` subclasses ``type`` and returns an ``nn.Module`` from
+``__new__``; ``class Model(DLRMFactory): def __new__(cls): return super().__new__(cls, cfg)``
+works as in upstream's tests.
+
+Memory of the default (Criteo 1TB, 26 tables, 177,944,275 rows, D = 64): a row is 64 int8
+codes + a float16 scale and bias = 68 B, so the tables take 177,944,275 x 68 B = 12.1 GB
+(11.3 GiB) at int8 (int4: 36 B a row, 6.4 GB; fp16: 128 B, 22.8 GB). The float tables would
+take 45.6 GB: no float copy of a whole table set is ever made. Random init draws bytes
+chunk by chunk straight into the quantized rows; a checkpoint is quantized table by table,
+in chunks of rows, from a memory-mapped file.
+
+Global side effect, in one place: CPU sharding needs TorchRec's device propagation
+(``torchrec.distributed.global_settings.set_propogate_device(True)``); ``select_devices``
+switches it on for the process when the CPU is used, and logs it.
+"""
+
+import copy
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.distributed import global_settings
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.fused_params import FUSED_PARAM_QUANT_STATE_DICT_SPLIT_SCALE_BIAS
+from torchrec.distributed.quant_embeddingbag import (
+    QuantEmbeddingBagCollectionSharder,
+    ShardedQuantEmbeddingBagCollection,
+)
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.inference.modules import quantize_embeddings, shard_quant_model
+from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Rows of the 26 Criteo 1TB categorical features, as in upstream's example.
+CRITEO_1TB_NUM_EMBEDDINGS: List[int] = [
+    45833188, 36746, 17245, 7413, 20243, 3, 7114, 1441, 62, 29275261, 1572176, 345138, 10,
+    2209, 11267, 128, 4, 974, 14, 48937457, 11316796, 40094537, 452104, 12606, 104, 35,
+]  # fmt: skip
+
+# quant_dtype -> (torch dtype for TorchRec's quantization, bits per stored value)
+QUANT_DTYPES: Dict[str, Tuple[torch.dtype, int]] = {
+    "int8": (torch.qint8, 8),
+    "int4": (torch.quint4x2, 4),
+    "fp16": (torch.half, 16),
+    "fp32": (torch.float, 32),
+}
+SHARDING_TYPES: Dict[str, str] = {
+    "table_wise": ShardingType.TABLE_WISE.value,
+    "row_wise": ShardingType.ROW_WISE.value,
+}
+DEVICES = ("auto", "cuda", "cpu")
+ID_OVERFLOW_POLICIES = ("error", "hash")
+TABLE_PREFIX = "t_"
+# Random init and checkpoint quantization walk a table in chunks of this many rows; the
+# random stream of each chunk is keyed by (seed, table, chunk), so the weights do not
+# depend on how the rows are sharded or how many threads fill them.
+FILL_CHUNK_ROWS = 1 << 18
+FILL_THREADS = max(1, min(8, os.cpu_count() or 1))
+PROGRESS_MIN_BYTES = 1 << 28  # show a progress bar when filling more than 256 MiB
+
+
+def _sharder(quant_dtype: str) -> QuantEmbeddingBagCollectionSharder:
+    """TorchRec's quant EBC sharder. Row-wise shards need scale/bias split from the rows,
+    which TorchRec 1.8 supports only for int8/int4 (it fails for fp16/fp32, as do its
+    DEFAULT_SHARDERS), so fp16/fp32 get the plain sharder and table-wise sharding."""
+    if quant_dtype in ("int8", "int4"):
+        return QuantEmbeddingBagCollectionSharder(
+            fused_params={FUSED_PARAM_QUANT_STATE_DICT_SPLIT_SCALE_BIAS: True}
+        )
+    return QuantEmbeddingBagCollectionSharder()
+
+
+def create_default_model_config() -> Dict[str, Any]:
+    """A new dict of the defaults (SPEC §2); mutating it never changes the next one.
+
+    ``id_list_features_keys`` is left out so that changing the number of tables needs no
+    other edit: the factory names them ``cat_0`` ... ``cat_{F-1}``.
+    """
+    return {
+        "dense_in_features": 13,
+        "dense_arch_layer_sizes": [512, 256, 64],
+        "over_arch_layer_sizes": [512, 512, 256, 1],
+        "embedding_dim": 64,
+        "num_embeddings_per_feature": list(CRITEO_1TB_NUM_EMBEDDINGS),
+        "quant_dtype": "int8",
+        "sharding_type": "table_wise",
+        "device": "auto",
+        "world_size": None,
+        "seed": 0,
+        "checkpoint": None,
+        "id_overflow": "error",
+        "max_samples_per_request": 1024,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Validation: every rule of SPEC §2, before any memory is allocated.
+# ---------------------------------------------------------------------------------------
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise ValueError(f"model config: {key!r} is {value!r}; expected {expected}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(config: Dict[str, Any], key: str) -> None:
+    if not _is_int(config[key]) or config[key] <= 0:
+        _fail(key, config[key], "an integer > 0")
+
+
+def _check_positive_int_list(config: Dict[str, Any], key: str, min_len: int) -> None:
+    value = config[key]
+    if (
+        not isinstance(value, list)
+        or len(value) < min_len
+        or not all(_is_int(v) and v > 0 for v in value)
+    ):
+        _fail(key, value, f"a list of at least {min_len} integers, each > 0")
+
+
+def _check_choice(config: Dict[str, Any], key: str, choices: Any) -> None:
+    if config[key] not in choices:
+        _fail(key, config[key], "one of " + ", ".join(repr(c) for c in choices))
+
+
+def read_config_source(config: Union[Dict[str, Any], str, os.PathLike, None]) -> Dict[str, Any]:
+    """The config as a new dict: defaults for None, a JSON file's contents for a path."""
+    if config is None:
+        return create_default_model_config()
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config) as f:
+                loaded = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"model config file {str(config)!r} could not be read: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ValueError(f"model config file {str(config)!r} must hold a JSON object")
+        return loaded
+    if isinstance(config, dict):
+        return copy.deepcopy(config)
+    raise ValueError(
+        f"model config must be a dict, a path to a JSON file or None; got {type(config).__name__}"
+    )
+
+
+def resolve_model_config(
+    config: Union[Dict[str, Any], str, os.PathLike, None] = None,
+) -> Dict[str, Any]:
+    """Validate ``config`` and return a new, complete dict (defaults filled in,
+    ``id_list_features_keys`` named). Raises ``ValueError`` naming the key, the value and
+    what was expected. Allocates nothing."""
+    given = read_config_source(config)
+    defaults = create_default_model_config()
+    known = set(defaults) | {"id_list_features_keys"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(
+            f"model config: unknown key(s) {unknown}; expected only {sorted(known)} "
+            "(a typo?)"
+        )
+    cfg = {**defaults, **given}
+
+    _check_positive_int(cfg, "dense_in_features")
+    _check_positive_int(cfg, "embedding_dim")
+    _check_positive_int_list(cfg, "dense_arch_layer_sizes", min_len=1)
+    _check_positive_int_list(cfg, "over_arch_layer_sizes", min_len=2)
+    if cfg["over_arch_layer_sizes"][-1] != 1:
+        _fail("over_arch_layer_sizes", cfg["over_arch_layer_sizes"], "a last layer of size 1")
+    _check_positive_int_list(cfg, "num_embeddings_per_feature", min_len=1)
+    num_tables = len(cfg["num_embeddings_per_feature"])
+
+    keys = cfg.get("id_list_features_keys")
+    if keys is None:
+        cfg["id_list_features_keys"] = [f"cat_{i}" for i in range(num_tables)]
+    elif (
+        not isinstance(keys, list)
+        or not all(isinstance(k, str) and k for k in keys)
+        or len(set(keys)) != len(keys)
+    ):
+        _fail("id_list_features_keys", keys, "a list of unique, non-empty strings")
+    elif len(keys) != num_tables:
+        _fail(
+            "id_list_features_keys",
+            keys,
+            f"one key per table: {num_tables} (the length of num_embeddings_per_feature), "
+            f"not {len(keys)}; or leave it out to get cat_0..cat_{num_tables - 1}",
+        )
+
+    _check_choice(cfg, "quant_dtype", QUANT_DTYPES)
+    bits = QUANT_DTYPES[cfg["quant_dtype"]][1]
+    if cfg["embedding_dim"] * bits % 8 != 0:
+        _fail("embedding_dim", cfg["embedding_dim"], f"a multiple of {8 // bits} for {cfg['quant_dtype']}")
+    _check_choice(cfg, "sharding_type", SHARDING_TYPES)
+    if cfg["sharding_type"] == "row_wise" and cfg["quant_dtype"] not in ("int8", "int4"):
+        _fail("sharding_type", "row_wise", f"'table_wise' for {cfg['quant_dtype']} (TorchRec 1.8 row-wise-shards only int8/int4)")
+    _check_choice(cfg, "device", DEVICES)
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        _fail("device", "cuda", "'cpu' or 'auto': no CUDA device is visible")
+    world_size = cfg["world_size"]
+    if world_size is not None and (not _is_int(world_size) or world_size < 1):
+        _fail("world_size", world_size, "null (every visible GPU; 1 on CPU) or an integer >= 1")
+    if not _is_int(cfg["seed"]) or cfg["seed"] < 0:
+        _fail("seed", cfg["seed"], "an integer >= 0")
+    checkpoint = cfg["checkpoint"]
+    if checkpoint is not None and not (isinstance(checkpoint, str) and os.path.isfile(checkpoint)):
+        _fail("checkpoint", checkpoint, "null or the path of an existing state_dict file")
+    _check_choice(cfg, "id_overflow", ID_OVERFLOW_POLICIES)
+    _check_positive_int(cfg, "max_samples_per_request")
+
+    dense_out = cfg["dense_arch_layer_sizes"][-1]
+    if dense_out != cfg["embedding_dim"]:
+        logger.warning(
+            "dense_arch_layer_sizes ends in %s but embedding_dim is %s: the DLRM's last "
+            "dense layer must output embedding_dim, so it is set to %s",
+            dense_out,
+            cfg["embedding_dim"],
+            cfg["embedding_dim"],
+        )
+        cfg["dense_arch_layer_sizes"] = cfg["dense_arch_layer_sizes"][:-1] + [cfg["embedding_dim"]]
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline.
+# ---------------------------------------------------------------------------------------
+
+
+def select_devices(cfg: Dict[str, Any]) -> Tuple[str, int, torch.device]:
+    """Step 1: (compute device type, world size, device of the dense layers)."""
+    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        visible = torch.cuda.device_count()
+        world_size = cfg["world_size"] or visible
+        if world_size > visible:
+            _fail("world_size", world_size, f"at most {visible}, the number of visible GPUs")
+        torch.cuda.set_device(0)
+        return "cuda", world_size, torch.device("cuda", 0)
+    # TorchRec builds CUDA tables unless told to keep the device it is given.
+    global_settings.set_propogate_device(True)
+    logger.info("CPU sharding: switched on TorchRec's device propagation for this process")
+    return "cpu", cfg["world_size"] or 1, torch.device("cpu")
+
+
+def build_embedding_bag_configs(cfg: Dict[str, Any]) -> List[EmbeddingBagConfig]:
+    """Step 2: one table per sparse feature, named ``t_<feature>``."""
+    return [
+        EmbeddingBagConfig(
+            name=f"{TABLE_PREFIX}{feature}",
+            embedding_dim=cfg["embedding_dim"],
+            num_embeddings=num_embeddings,
+            feature_names=[feature],
+        )
+        for feature, num_embeddings in zip(
+            cfg["id_list_features_keys"], cfg["num_embeddings_per_feature"]
+        )
+    ]
+
+
+def build_dlrm(
+    cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig], dense_device: torch.device
+) -> DLRM:
+    """Step 3: the float DLRM; its tables live on ``meta`` (no memory), its dense layers are
+    initialized from ``seed`` without touching the process's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        return DLRM(
+            embedding_bag_collection=EmbeddingBagCollection(
+                tables=eb_configs, device=torch.device("meta")
+            ),
+            dense_in_features=cfg["dense_in_features"],
+            dense_arch_layer_sizes=cfg["dense_arch_layer_sizes"],
+            over_arch_layer_sizes=cfg["over_arch_layer_sizes"],
+            dense_device=dense_device,
+        )
+
+
+def quantize_tables(model: DLRM, quant_dtype: str) -> DLRM:
+    """Step 4: TorchRec's quantization of the embedding bag collection (still on meta)."""
+    return quantize_embeddings(model, dtype=QUANT_DTYPES[quant_dtype][0], inplace=True)
+
+
+def plan_sharding(
+    model: nn.Module,
+    eb_configs: List[EmbeddingBagConfig],
+    sharding_type: str,
+    quant_dtype: str,
+    compute_device: str,
+    world_size: int,
+) -> ShardingPlan:
+    """Step 5: where each table goes, tables constrained to ``sharding_type`` and the
+    quant kernel."""
+    constraints = {
+        table.name: ParameterConstraints(
+            sharding_types=[SHARDING_TYPES[sharding_type]],
+            compute_kernels=[EmbeddingComputeKernel.QUANT.value],
+        )
+        for table in eb_configs
+    }
+    topology = Topology(
+        world_size=world_size, compute_device=compute_device, local_world_size=world_size
+    )
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    return planner.plan(module=model, sharders=[_sharder(quant_dtype)])
+
+
+def shard_tables(
+    model: nn.Module, plan: ShardingPlan, quant_dtype: str, compute_device: str, world_size: int
+) -> nn.Module:
+    """Step 6: replace the EBC by a ``ShardedQuantEmbeddingBagCollection``; this allocates
+    the quantized shards (filled with zeros) on their devices."""
+    sharded, _ = shard_quant_model(
+        model,
+        world_size=world_size,
+        compute_device=compute_device,
+        sharding_device="cuda:0" if compute_device == "cuda" else "cpu",
+        sharders=[_sharder(quant_dtype)],
+        sharding_plan=plan,
+    )
+    return sharded
+
+
+# ---------------------------------------------------------------------------------------
+# Step 7: fill the shards.
+# ---------------------------------------------------------------------------------------
+
+
+def _table_shards(model: nn.Module) -> Iterator[Tuple[str, int, torch.Tensor, Optional[torch.Tensor]]]:
+    """Every shard as (table name, first row, quantized rows, scale/bias rows or None).
+
+    The tensors are views into the TBE buffers that serve lookups: writing them fills the
+    model."""
+    for module in model.modules():
+        if not isinstance(module, ShardedQuantEmbeddingBagCollection):
+            continue
+        for tbe, grouped_config in module.tbes_configs().items():
+            for (weights, scale_bias), spec, table in zip(
+                tbe.split_embedding_weights(split_scale_shifts=True),
+                tbe.embedding_specs,
+                grouped_config.embedding_tables,
+            ):
+                assert spec[0] == table.name, (spec[0], table.name)
+                row_offset, col_offset = table.local_metadata.shard_offsets
+                if col_offset != 0:
+                    raise NotImplementedError("column-wise shards are not supported")
+                yield table.name, row_offset, weights, scale_bias
+
+
+def _chunks(row_start: int, row_end: int) -> Iterator[Tuple[int, int, int]]:
+    """(chunk index, first row, end row) of the fixed chunks covering [row_start, row_end)."""
+    for chunk in range(row_start // FILL_CHUNK_ROWS, math.ceil(row_end / FILL_CHUNK_ROWS)):
+        yield chunk, max(row_start, chunk * FILL_CHUNK_ROWS), min(row_end, (chunk + 1) * FILL_CHUNK_ROWS)
+
+
+def _random_rows(
+    seed: int, table_index: int, chunk: int, rows: int, row_bytes: int, quant_dtype: str, bound: float
+) -> np.ndarray:
+    """The stored bytes of ``rows`` full rows of one chunk, uniform on [-bound, bound]."""
+    rng = np.random.Generator(np.random.PCG64([seed, table_index, chunk]))
+    if quant_dtype in ("int8", "int4"):
+        # Uniform codes; with scale = 2*bound/(levels-1) and bias = -bound they dequantize to
+        # a uniform grid on [-bound, bound] - the quantized image of TorchRec's init.
+        return rng.integers(0, 256, size=(rows, row_bytes), dtype=np.uint8)
+    values = rng.random(size=(rows, row_bytes * 8 // QUANT_DTYPES[quant_dtype][1]), dtype=np.float32)
+    values = values * np.float32(2 * bound) - np.float32(bound)
+    return values.astype(np.float16 if quant_dtype == "fp16" else np.float32).view(np.uint8)
+
+
+def _quantized_scale_bias(quant_dtype: str, bound: float) -> torch.Tensor:
+    """The float16 (scale, bias) pair of every randomly initialized row, as 4 bytes."""
+    levels = (1 << QUANT_DTYPES[quant_dtype][1]) - 1
+    return torch.tensor([2 * bound / levels, -bound], dtype=torch.float16).view(torch.uint8)
+
+
+def _progress(total_bytes: int, desc: str) -> tqdm:
+    return tqdm(
+        total=total_bytes,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        mininterval=2.0,
+        disable=total_bytes < PROGRESS_MIN_BYTES,
+    )
+
+
+def fill_random(model: nn.Module, cfg: Dict[str, Any]) -> None:
+    """Seeded init written straight into the quantized shards (no float table ever exists).
+
+    TorchRec initializes a table of R rows uniform on +-sqrt(1/R); each row here is drawn on
+    that interval: int8/int4 as uniform codes with one (scale, bias) per row, fp16/fp32 as
+    uniform floats. Chunks are drawn on a thread pool (numpy releases the GIL)."""
+    table_index = {
+        f"{TABLE_PREFIX}{f}": i for i, f in enumerate(cfg["id_list_features_keys"])
+    }
+    quant_dtype = cfg["quant_dtype"]
+    jobs = []
+    for name, row_offset, weights, scale_bias in _table_shards(model):
+        i = table_index[name]
+        bound = math.sqrt(1.0 / cfg["num_embeddings_per_feature"][i])
+        if scale_bias is not None:
+            scale_bias.copy_(_quantized_scale_bias(quant_dtype, bound).expand_as(scale_bias))
+        for chunk, start, end in _chunks(row_offset, row_offset + weights.shape[0]):
+            first = chunk * FILL_CHUNK_ROWS
+            jobs.append((i, chunk, first, start, end, row_offset, weights, bound))
+
+    def fill(job: Tuple[Any, ...]) -> int:
+        i, chunk, first, start, end, row_offset, weights, bound = job
+        # Draw the whole chunk, so a row's bytes don't depend on where its shard starts.
+        rows = _random_rows(cfg["seed"], i, chunk, end - first, weights.shape[1], quant_dtype, bound)
+        weights[start - row_offset : end - row_offset].copy_(torch.from_numpy(rows[start - first :]))
+        return (end - start) * weights.shape[1]
+
+    total = sum((job[4] - job[3]) * job[6].shape[1] for job in jobs)
+    with _progress(total, "filling tables") as bar, ThreadPoolExecutor(FILL_THREADS) as pool:
+        for done in pool.map(fill, jobs):
+            bar.update(done)
+
+
+def _expected_state(cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig]) -> Dict[str, torch.Size]:
+    """Names and shapes of a float TorchRec ``DLRM.state_dict()`` of this config (on meta)."""
+    meta = DLRM(
+        embedding_bag_collection=EmbeddingBagCollection(tables=eb_configs, device=torch.device("meta")),
+        dense_in_features=cfg["dense_in_features"],
+        dense_arch_layer_sizes=cfg["dense_arch_layer_sizes"],
+        over_arch_layer_sizes=cfg["over_arch_layer_sizes"],
+        dense_device=torch.device("meta"),
+    )
+    return {name: t.shape for name, t in meta.state_dict().items()}
+
+
+def read_checkpoint(path: str, expected: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:
+    """The checkpoint's tensors, memory-mapped (tables are read chunk by chunk later).
+
+    Only ``torch.load(weights_only=True)``: a pickled object is refused, never run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+        raise ValueError(
+            f"checkpoint {path!r} could not be loaded as a plain state_dict of tensors "
+            f"(torch.load weights_only=True): {e}"
+        ) from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state_dict")
+    if state and all(k.startswith("model.") for k in state):  # TorchRec's DLRMTrain wrapper
+        state = {k[len("model.") :]: v for k, v in state.items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+        for k in set(expected) & set(state)
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k]
+    )
+    if missing or extra or misshaped:
+        raise ValueError(
+            f"checkpoint {path!r} does not match the model config: missing {missing}, "
+            f"extra {extra}, mis-shaped {misshaped}"
+        )
+    return state
+
+
+def _quantize_rows(rows: torch.Tensor, quant_dtype: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Float rows -> (stored bytes, scale/bias bytes or None), as TorchRec's
+    ``quantize_state_dict`` does it (fbgemm's row-wise quantization with float16 scale/bias)."""
+    rows = rows.float()
+    if quant_dtype == "fp32":
+        return rows.contiguous().view(torch.uint8), None
+    if quant_dtype == "fp16":
+        return rows.half().contiguous().view(torch.uint8), None
+    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(
+        rows.contiguous(), QUANT_DTYPES[quant_dtype][1]
+    )
+    return fused[:, :-4], fused[:, -4:]
+
+
+def fill_from_checkpoint(model: nn.Module, cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig]) -> None:
+    """Dense layers copied; tables quantized chunk by chunk into their shards."""
+    state = read_checkpoint(cfg["checkpoint"], _expected_state(cfg, eb_configs))
+    table_key = "sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in state:
+                param.copy_(state[name])
+        shards = list(_table_shards(model))
+        total = sum(w.shape[0] * w.shape[1] for _, _, w, _ in shards)
+        with _progress(total, "quantizing checkpoint tables") as bar:
+            for name, row_offset, weights, scale_bias in shards:
+                table = state[table_key.format(name)]
+                for _, start, end in _chunks(row_offset, row_offset + weights.shape[0]):
+                    q, sb = _quantize_rows(table[start:end], cfg["quant_dtype"])
+                    local = slice(start - row_offset, end - row_offset)
+                    weights[local].copy_(q)
+                    if scale_bias is not None:
+                        scale_bias[local].copy_(sb)
+                    bar.update(q.numel())
+
+
+def fill_tables(model: nn.Module, cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig]) -> None:
+    """Step 7: TorchRec leaves the quantized shards at zero; write real weights."""
+    if cfg["checkpoint"]:
+        fill_from_checkpoint(model, cfg, eb_configs)
+    else:
+        fill_random(model, cfg)
+
+
+class DLRMFactory(type):
+    """``DLRMFactory(config)`` -> a quantized, sharded, filled ``DLRM`` in eval mode.
+
+    ``config``: a dict (see ``create_default_model_config``), a path to a JSON file, or
+    None for the defaults. The result maps (Tensor[B, N], KJT of F features) to logits
+    Tensor[B, 1] and carries its ``ShardingPlan`` at ``.plan``.
+    """
+
+    def __new__(cls, model_config: Union[Dict[str, Any], str, os.PathLike, None] = None) -> nn.Module:
+        cfg = resolve_model_config(model_config)  # validation first: nothing allocated yet
+        compute_device, world_size, dense_device = select_devices(cfg)
+        eb_configs = build_embedding_bag_configs(cfg)
+        model = build_dlrm(cfg, eb_configs, dense_device)
+        model = quantize_tables(model, cfg["quant_dtype"])
+        plan = plan_sharding(
+            model, eb_configs, cfg["sharding_type"], cfg["quant_dtype"], compute_device, world_size
+        )
+        model = shard_tables(model, plan, cfg["quant_dtype"], compute_device, world_size)
+        fill_tables(model, cfg, eb_configs)
+        model.plan = plan
+        model.config = cfg
+        logger.info(
+            "DLRM built: %d tables, %s, %s x %d", len(eb_configs), cfg["quant_dtype"], compute_device, world_size
+        )
+        return model.eval()
