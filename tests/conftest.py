@@ -1,0 +1,35 @@
+"""Shared fixtures: small configs that build in well under a second."""
+
+import os
+import sys
+from typing import Any, Dict
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from dlrm_factory import create_default_model_config  # noqa: E402
+
+# Three tables of 1000, 2000 and 5000 rows, D = 16, the default MLP shapes scaled down.
+SMALL_TABLE_SIZES = [1000, 2000, 5000]
+
+
+def small_model_config(**overrides: Any) -> Dict[str, Any]:
+    """A new small config: 3 tables, D = 16, int8, on CPU."""
+    config = create_default_model_config()
+    config.update(
+        dense_arch_layer_sizes=[32, 16],
+        over_arch_layer_sizes=[32, 16, 1],
+        embedding_dim=16,
+        num_embeddings_per_feature=list(SMALL_TABLE_SIZES),
+        device="cpu",
+    )
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def small_config() -> Dict[str, Any]:
+    return small_model_config()
