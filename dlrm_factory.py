@@ -333,7 +333,11 @@ def plan_sharding(
         for table in eb_configs
     }
     topology = Topology(
-        world_size=world_size, compute_device=compute_device, local_world_size=world_size
+        world_size=world_size,
+        compute_device=compute_device,
+        local_world_size=world_size,
+        # The planner's default HBM is 32 GB; plan against the GPUs really present.
+        hbm_cap=torch.cuda.get_device_properties(0).total_memory if compute_device == "cuda" else None,
     )
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     return planner.plan(module=model, sharders=[_sharder(quant_dtype)])
