@@ -541,6 +541,39 @@ def fill_tables(model: nn.Module, cfg: Dict[str, Any], eb_configs: List[Embeddin
         fill_random(model, cfg)
 
 
+def row_bytes(cfg: Dict[str, Any], compute_device: str) -> int:
+    """Bytes of one stored row: the values, a float16 scale and bias for int8/int4, rounded
+    up to fbgemm's row alignment (16 B on CUDA, 1 B on CPU)."""
+    bits = QUANT_DTYPES[cfg["quant_dtype"]][1]
+    size = cfg["embedding_dim"] * bits // 8 + (4 if bits <= 8 else 0)
+    alignment = 16 if compute_device == "cuda" else 1
+    return -(-size // alignment) * alignment
+
+
+def table_bytes_per_device(plan: ShardingPlan, cfg: Dict[str, Any], compute_device: str) -> Dict[str, int]:
+    """Table bytes each device of ``plan`` holds, e.g. {"rank 0 (cuda:0)": 4.1e9, ...}."""
+    per_device: Dict[str, int] = {}
+    for module_plan in plan.plan.values():
+        for name, sharding in module_plan.items():  # type: ignore[union-attr]
+            for shard in sharding.sharding_spec.shards:
+                device = f"rank {shard.placement.rank()} ({shard.placement.device()})"
+                per_device[device] = per_device.get(device, 0) + shard.shard_sizes[0] * row_bytes(cfg, compute_device)
+    return dict(sorted(per_device.items()))
+
+
+def plan_only(
+    config: Union[Dict[str, Any], str, os.PathLike, None] = None,
+) -> Tuple[ShardingPlan, Dict[str, Any], str]:
+    """Steps 1-5 without allocating a table: (plan, resolved config, compute device).
+    Shows where the tables of a big config would go before building it."""
+    cfg = resolve_model_config(config)
+    compute_device, world_size, _ = select_devices(cfg)
+    eb_configs = build_embedding_bag_configs(cfg)
+    model = quantize_tables(build_dlrm(cfg, eb_configs, torch.device("meta")), cfg["quant_dtype"])
+    plan = plan_sharding(model, eb_configs, cfg["sharding_type"], cfg["quant_dtype"], compute_device, world_size)
+    return plan, cfg, compute_device
+
+
 class DLRMFactory(type):
     """``DLRMFactory(config)`` -> a quantized, sharded, filled ``DLRM`` in eval mode.
 
