@@ -1,0 +1,425 @@
+"""TorchServe handler for the TorchRec DLRM: a JSON request in, its scores out.
+
+The request path::
+
+    curl --data @sample_data.json -> TorchServe (dynamic batching: up to batchSize requests
+    per call) -> TorchRecDLRMHandler.handle -> preprocess: parse_request per request, one
+    key-major KeyedJaggedTensor + one dense tensor for the whole batch -> inference:
+    model(dense, kjt) -> logits -> postprocess: each request its own {"score", "probability"}
+
+Symbols, as in TorchRec's ``DLRM``: B samples, N dense features (``dense_in_features``),
+F sparse features (one embedding table each), L ids (the sum of the lengths).
+
+A request (upstream's keys; see ``sample_data.json``)::
+
+    {"float_features": [N numbers]  or  [[N numbers], ... B lists],
+     "id_list_features.lengths": [B x F non-negative integers, sample-major],
+     "id_list_features.values": [L ids, in the order of the lengths]}
+
+Answers: ``{"score": s, "probability": p}`` for a one-sample request (``float_features`` a
+flat list), ``{"score": [s0, ...], "probability": [p0, ...]}`` for B samples; ``score`` is
+the model's logit and ``probability`` its sigmoid. A bad request is answered alone with a
+4xx and ``{"code": 400, "type": "InvalidInput", "message": "<field>: <found>; expected
+<what>"}``; the other requests of its batch are scored as if it were not there.
+
+``parse_request`` is the whole request contract as a pure function: any JSON value, str or
+bytes gives either a valid sample batch or a ``ValueError`` (see ``invalid_input``).
+
+TorchServe loads a handler file only if it defines exactly one class: this file holds
+``TorchRecDLRMHandler`` and functions only (errors are ``ValueError``s carrying an
+``http_status`` attribute, not a class of their own). No module-level function may be called
+``handle``: TorchServe would take it for a function entry point.
+"""
+
+import http
+import itertools
+import json
+import logging
+import math
+import os
+from typing import Any, Dict, List, Tuple, Union
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from ts.handler_utils.timer import timed
+from ts.torch_handler.base_handler import BaseHandler
+
+from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config
+
+try:  # orjson: faster, and strict (no NaN/Infinity literals); json as the fallback
+    import orjson
+
+    _json_loads = orjson.loads
+except ImportError:  # pragma: no cover - orjson is in requirements.txt
+    _json_loads = json.loads
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "model_config.json"  # names inside the .mar (see create_dlrm_mar.sh)
+CHECKPOINT_FILE = "checkpoint.pt"
+DENSE_KEY = "float_features"
+LENGTHS_KEY = "id_list_features.lengths"
+VALUES_KEY = "id_list_features.values"
+REQUEST_KEYS = (DENSE_KEY, LENGTHS_KEY, VALUES_KEY)
+BAD_REQUEST = 400
+PAYLOAD_TOO_LARGE = 413
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+# One request after parsing: (dense [B, N] float32, lengths [B, F] int64, values [L] int64,
+# one_sample: float_features was a flat list, so the answer holds scalars).
+ParsedRequest = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
+
+
+# ---------------------------------------------------------------------------------------
+# Errors: a ValueError with the HTTP status to answer (400, or 413 for too many samples).
+# ---------------------------------------------------------------------------------------
+
+
+def invalid_input(message: str, status: int = BAD_REQUEST) -> ValueError:
+    """The error of one bad request; ``error.http_status`` is the 4xx it is answered with."""
+    error = ValueError(message)
+    error.http_status = status
+    return error
+
+
+def error_response(error: ValueError) -> Tuple[int, Dict[str, Any]]:
+    """(HTTP status, JSON body) answering a request that failed with ``error``."""
+    status = getattr(error, "http_status", BAD_REQUEST)
+    return status, {"code": status, "type": "InvalidInput", "message": str(error)}
+
+
+def _describe(value: Any) -> str:
+    """A short description of a JSON value, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        text = value if len(value) <= 20 else value[:17] + "..."
+        return f"the string {text!r}"
+    if isinstance(value, float):
+        return f"the float {value!r}"
+    if isinstance(value, int):
+        text = str(value) if abs(value) < 10**20 else f"an integer of {len(str(abs(value)))} digits"
+        return text
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return "a JSON object"
+    return f"a {type(value).__name__}"
+
+
+def _first_of_wrong_type(items: List[Any], allowed: Tuple[type, ...]) -> int:
+    """Index of the first item whose exact type is not in ``allowed`` (bool is not int)."""
+    return next(i for i, item in enumerate(items) if type(item) not in allowed)
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing one request: JSON -> (dense, lengths, values); every rule of SPEC §4.
+# ---------------------------------------------------------------------------------------
+
+
+def decode_body(body: Any) -> Any:
+    """The request as a JSON value: bytes/bytearray/str are parsed, anything else (TorchServe
+    already parsed an ``application/json`` body) is returned as it is."""
+    if isinstance(body, (bytes, bytearray, str)):
+        try:
+            return _json_loads(body)
+        except (ValueError, TypeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise invalid_input(
+                f"request body: not valid JSON ({e}); expected a JSON object with the keys "
+                f"{', '.join(REQUEST_KEYS)}"
+            ) from None
+    return body
+
+
+def _parse_dense(raw: Any, num_dense: int, max_samples: int) -> Tuple[torch.Tensor, bool]:
+    """``float_features`` -> (Tensor[B, N] float32, one_sample)."""
+    expected = f"a list of {num_dense} numbers (one sample) or a list of B lists of {num_dense} numbers"
+    if not isinstance(raw, list) or not raw:
+        raise invalid_input(f"{DENSE_KEY}: got {_describe(raw)}; expected {expected}")
+    one_sample = not isinstance(raw[0], list)
+    if one_sample:
+        if len(raw) != num_dense:
+            raise invalid_input(f"{DENSE_KEY}: got {len(raw)} numbers; expected {expected}")
+        rows, flat = [raw], raw
+    else:
+        if len(raw) > max_samples:
+            raise invalid_input(
+                f"{DENSE_KEY}: {len(raw)} samples in one request; expected at most "
+                f"max_samples_per_request = {max_samples} (split the request)",
+                PAYLOAD_TOO_LARGE,
+            )
+        for b, row in enumerate(raw):
+            if not isinstance(row, list) or len(row) != num_dense:
+                raise invalid_input(
+                    f"{DENSE_KEY}[{b}]: got {_describe(row)}; expected a list of {num_dense} "
+                    f"numbers (every sample has {num_dense} dense features)"
+                )
+        rows, flat = raw, list(itertools.chain.from_iterable(raw))
+
+    def where(i: int) -> str:
+        return f"{DENSE_KEY}[{i}]" if one_sample else f"{DENSE_KEY}[{i // num_dense}][{i % num_dense}]"
+
+    if not set(map(type, flat)) <= {int, float}:
+        i = _first_of_wrong_type(flat, (int, float))
+        raise invalid_input(
+            f"{where(i)}: got {_describe(flat[i])}; expected a JSON number (not a string or boolean)"
+        )
+    try:
+        dense = torch.tensor(flat, dtype=torch.float64).float()
+    except OverflowError:  # an integer beyond float64
+        dense = torch.full((len(flat),), math.inf)
+    bad = ~torch.isfinite(dense)  # NaN, +-inf, or beyond float32 (which became inf)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise invalid_input(
+            f"{where(i)}: got {_describe(flat[i])}; expected a finite number within float32 "
+            f"range (+-{FLOAT32_MAX:.4g})"
+        )
+    return dense.view(len(rows), num_dense), one_sample
+
+
+def _parse_int_list(raw: Any, field: str, count: int, what: str) -> torch.Tensor:
+    """A JSON list of ``count`` integers (not floats, strings or booleans) -> Tensor[count]
+    int64. ``what`` says what the list holds, for the messages."""
+    if not isinstance(raw, list):
+        raise invalid_input(f"{field}: got {_describe(raw)}; expected a list of {what}")
+    if len(raw) != count:
+        raise invalid_input(f"{field}: got {len(raw)} items; expected {what}")
+    if not set(map(type, raw)) <= {int}:
+        i = _first_of_wrong_type(raw, (int,))
+        raise invalid_input(f"{field}[{i}]: got {_describe(raw[i])}; expected a JSON integer")
+    try:
+        return torch.tensor(raw, dtype=torch.int64)
+    except (OverflowError, RuntimeError, ValueError):  # an integer beyond int64
+        i = next(i for i, x in enumerate(raw) if not INT64_MIN <= x <= INT64_MAX)
+        raise invalid_input(f"{field}[{i}]: got {_describe(raw[i])}; expected an integer within int64") from None
+
+
+def _parse_lengths(raw: Any, num_samples: int, keys: List[str]) -> torch.Tensor:
+    """``id_list_features.lengths`` -> Tensor[B, F] int64, sample-major as sent."""
+    count = num_samples * len(keys)
+    what = f"B x F = {num_samples} x {len(keys)} = {count} non-negative integers (sample-major)"
+    lengths = _parse_int_list(raw, LENGTHS_KEY, count, what)
+    negative = (lengths < 0).nonzero()
+    if negative.numel():
+        i = int(negative[0])
+        raise invalid_input(
+            f"{LENGTHS_KEY}[{i}]: got {int(lengths[i])} (sample {i // len(keys)}, feature "
+            f"{keys[i % len(keys)]}); expected a non-negative integer"
+        )
+    return lengths.view(num_samples, len(keys))
+
+
+def _parse_ids(raw: Any, lengths: torch.Tensor, cfg: Dict[str, Any]) -> torch.Tensor:
+    """``id_list_features.values`` -> Tensor[L] int64, each id checked against its table
+    (or taken mod its size under ``id_overflow: hash``)."""
+    keys = cfg["id_list_features_keys"]
+    total = sum(lengths.reshape(-1).tolist())  # in Python: an int64 sum could wrap around
+    what = f"{total} ids (the sum of {LENGTHS_KEY}: one id per unit of length)"
+    values = _parse_int_list(raw, VALUES_KEY, total, what)
+    cells = torch.arange(lengths.numel()).repeat_interleave(lengths.reshape(-1))  # [L]: b*F+f
+    feature = cells % len(keys)
+    table_size = torch.tensor(cfg["num_embeddings_per_feature"], dtype=torch.int64)[feature]
+    hashed = cfg["id_overflow"] == "hash"
+    bad = (values < 0) if hashed else (values < 0) | (values >= table_size)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        f, size = int(feature[i]), int(table_size[i])
+        expected = "a non-negative integer (id_overflow: hash)" if hashed else (
+            f"an integer in [0, {size}) (its table has {size} rows; or serve with id_overflow: hash)"
+        )
+        raise invalid_input(
+            f"{VALUES_KEY}[{i}]: got {int(values[i])} for feature {keys[f]} of sample "
+            f"{int(cells[i]) // len(keys)}; expected {expected}"
+        )
+    return values % table_size if hashed else values
+
+
+def parse_request(body: Any, cfg: Dict[str, Any]) -> ParsedRequest:
+    """One request -> (dense Tensor[B, N] float32, lengths Tensor[B, F] int64 sample-major,
+    values Tensor[L] int64, one_sample).
+
+    ``body``: bytes, bytearray or str holding JSON, or an already parsed JSON value.
+    ``cfg``: a resolved model config (``dlrm_factory.resolve_model_config``).
+    Raises ``ValueError`` (``error.http_status`` 400, or 413 for more than
+    ``max_samples_per_request`` samples) whose message names the field, what it held and
+    what was expected. Raises nothing else, whatever ``body`` is."""
+    request = decode_body(body)
+    if not isinstance(request, dict):
+        raise invalid_input(
+            f"request body: got {_describe(request)}; expected a JSON object with the keys "
+            f"{', '.join(REQUEST_KEYS)}"
+        )
+    for key in REQUEST_KEYS:
+        if key not in request:
+            # curl --data without a JSON Content-Type posts a form: TorchServe then hands
+            # over the JSON text as a form field name.
+            as_form = any(isinstance(k, str) and k.lstrip().startswith("{") for k in request)
+            hint = " (the body arrived as a form: send it with -H 'Content-Type: application/json')"
+            raise invalid_input(
+                f"{key}: missing; expected a JSON object with the keys "
+                f"{', '.join(REQUEST_KEYS)}{hint if as_form else ''}"
+            )
+    dense, one_sample = _parse_dense(
+        request[DENSE_KEY], cfg["dense_in_features"], cfg["max_samples_per_request"]
+    )
+    lengths = _parse_lengths(request[LENGTHS_KEY], dense.shape[0], cfg["id_list_features_keys"])
+    values = _parse_ids(request[VALUES_KEY], lengths, cfg)
+    return dense, lengths, values, one_sample
+
+
+# ---------------------------------------------------------------------------------------
+# A batch of parsed requests -> the model's inputs.
+# ---------------------------------------------------------------------------------------
+
+
+def to_key_major_kjt(keys: List[str], lengths: torch.Tensor, values: torch.Tensor) -> KeyedJaggedTensor:
+    """Sample-major ``lengths`` Tensor[B, F] and ``values`` Tensor[L] -> TorchRec's key-major
+    ``KeyedJaggedTensor`` (all of feature 0's samples, then feature 1's, ...).
+
+    Cell (b, f) of the request is jagged segment b*F + f; the KJT wants it at f*B + b.
+    fbgemm's ``permute_1D_sparse_data`` (what TorchRec's ``KeyedJaggedTensor.permute`` runs)
+    moves whole segments in one op: no Python loop per id."""
+    num_samples, num_features = lengths.shape
+    segment_order = torch.arange(num_samples * num_features, dtype=torch.int32)
+    segment_order = segment_order.view(num_samples, num_features).t().reshape(-1)
+    key_major_lengths, key_major_values, _ = torch.ops.fbgemm.permute_1D_sparse_data(
+        segment_order, lengths.reshape(-1), values, None, values.numel()
+    )
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=key_major_values, lengths=key_major_lengths
+    )
+
+
+def request_body(row: Any) -> Any:
+    """The payload of one TorchServe request: its "body" (or "data") field - JSON already
+    parsed by TorchServe for ``application/json``, bytes otherwise; a row without either is
+    taken as the request itself."""
+    if isinstance(row, dict):
+        for key in ("body", "data"):
+            if key in row:
+                return row[key]
+    return row
+
+
+def read_served_config(model_dir: str) -> Dict[str, Any]:
+    """The resolved config of the ``.mar`` unpacked at ``model_dir``: its ``model_config.json``,
+    with ``checkpoint`` set to the packaged ``checkpoint.pt`` when there is one (a relative
+    checkpoint path is taken relative to ``model_dir``)."""
+    config = read_config_source(os.path.join(model_dir, CONFIG_FILE))
+    packaged = os.path.join(model_dir, CHECKPOINT_FILE)
+    if os.path.isfile(packaged):
+        config["checkpoint"] = packaged
+    elif isinstance(config.get("checkpoint"), str):
+        config["checkpoint"] = os.path.join(model_dir, config["checkpoint"])
+    return resolve_model_config(config)
+
+
+# The work of one ``handle`` call: per request either (its number of samples, one_sample)
+# or the ValueError it is answered with.
+RequestPlan = List[Union[Tuple[int, bool], ValueError]]
+
+
+class TorchRecDLRMHandler(BaseHandler):
+    """Scores DLRM requests; the model is built by ``DLRMFactory`` from the ``.mar``'s
+    ``model_config.json`` (and ``checkpoint.pt``, if packaged). Nothing is downloaded.
+
+    ``handle`` is BaseHandler's: preprocess -> inference -> postprocess."""
+
+    def initialize(self, context: Any) -> None:
+        """Build the model. BaseHandler's model loading is not used: it would call the model
+        file's class with no arguments, and a DLRM needs its config."""
+        self.context = context
+        self.manifest = context.manifest
+        self.model_yaml_config = getattr(context, "model_yaml_config", None) or {}
+        model_dir = context.system_properties["model_dir"]
+        self.config = read_served_config(model_dir)
+        logger.info(
+            "DLRM config from %s: %s", os.path.join(model_dir, CONFIG_FILE), json.dumps(self.config)
+        )
+        self.model = DLRMFactory(self.config)
+        self.device = next(self.model.parameters()).device  # the dense layers' device
+        self.initialized = True
+
+    @timed
+    def preprocess(self, data: List[Any]) -> Tuple[torch.Tensor, KeyedJaggedTensor, RequestPlan]:
+        """The requests of one dynamic batch -> (dense Tensor[B, N], one KJT, the plan).
+
+        Every request is parsed alone (``parse_request``); a bad one joins the plan as its
+        error and adds no samples. The good ones are stacked sample-major (B = all their
+        samples), then the ids are turned key-major. One request of B = 2 samples, F = 3::
+
+            {"float_features": [[0.5, ...], [1.5, ...]],      # B lists of N numbers
+             "id_list_features.lengths": [1, 0, 2,  2, 1, 1],  # B x F, sample-major
+             "id_list_features.values":  [7, 42, 43,  5, 6, 9, 11]}
+
+                       sample 0    sample 1
+            cat_0      [7]         [5, 6]
+            cat_1      []          [9]
+            cat_2      [42, 43]    [11]
+
+            KeyedJaggedTensor(keys=["cat_0", "cat_1", "cat_2"],
+                              lengths=[1, 2,  0, 1,  2, 1],      # F x B, key-major
+                              values=[7, 5, 6,  9,  42, 43, 11])
+
+        (Upstream passed the sample-major lists to the KJT as they came: right for one
+        sample, scrambled for more.)"""
+        plan: RequestPlan = []
+        parsed: List[ParsedRequest] = []
+        for row in data:
+            try:
+                request = parse_request(request_body(row), self.config)
+            except ValueError as error:
+                plan.append(error)
+                continue
+            parsed.append(request)
+            plan.append((request[0].shape[0], request[3]))
+        num_features = len(self.config["id_list_features_keys"])
+        dense = torch.cat(
+            [p[0] for p in parsed] or [torch.empty(0, self.config["dense_in_features"])]
+        )
+        lengths = torch.cat(
+            [p[1] for p in parsed] or [torch.empty(0, num_features, dtype=torch.int64)]
+        )
+        values = torch.cat([p[2] for p in parsed] or [torch.empty(0, dtype=torch.int64)])
+        kjt = to_key_major_kjt(self.config["id_list_features_keys"], lengths, values)
+        return dense, kjt, plan
+
+    @timed
+    def inference(
+        self, batch: Tuple[torch.Tensor, KeyedJaggedTensor, RequestPlan]
+    ) -> Tuple[torch.Tensor, RequestPlan]:
+        """(dense Tensor[B, N], KJT, plan) -> (logits Tensor[B] on the CPU, plan)."""
+        dense, kjt, plan = batch
+        if dense.shape[0] == 0:  # every request of the batch was bad
+            return torch.empty(0), plan
+        with torch.inference_mode():
+            logits = self.model(dense.to(self.device), kjt.to(self.device))
+        return logits.reshape(-1).float().cpu(), plan
+
+    @timed
+    def postprocess(self, output: Tuple[torch.Tensor, RequestPlan]) -> List[Dict[str, Any]]:
+        """Each request its own answer, in order: its scores (scalars for a one-sample
+        request) or its InvalidInput error with the 4xx set on its response."""
+        logits, plan = output
+        scores, probabilities = logits.tolist(), torch.sigmoid(logits).tolist()
+        answers: List[Dict[str, Any]] = []
+        start = 0
+        for idx, item in enumerate(plan):
+            self.context.set_response_content_type(idx, "application/json")
+            if isinstance(item, ValueError):
+                status, body = error_response(item)
+                self.context.set_response_status(status, http.HTTPStatus(status).phrase, idx)
+                answers.append(body)
+                continue
+            num_samples, one_sample = item
+            end = start + num_samples
+            if one_sample:
+                answers.append({"score": scores[start], "probability": probabilities[start]})
+            else:
+                answers.append({"score": scores[start:end], "probability": probabilities[start:end]})
+            start = end
+        return answers
