@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_FLAGS ?=
 
-.PHONY: setup test check-java
+.PHONY: setup test check-java demo stop
 
 setup: $(STAMP)
 
@@ -29,3 +29,12 @@ check-java:
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# Package model_config.json (the full Criteo 1TB model: ~12 GB of int8 tables, built in the
+# worker in a few minutes), serve it on 127.0.0.1:8080 and score sample_data.json.
+demo: $(STAMP)
+	$(PY) scripts/demo.py start
+
+# Stop the TorchServe that `make demo` started (only that one, by its pid in .demo/).
+stop:
+	$(PY) scripts/demo.py stop
