@@ -33,3 +33,13 @@ def small_model_config(**overrides: Any) -> Dict[str, Any]:
 @pytest.fixture
 def small_config() -> Dict[str, Any]:
     return small_model_config()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A failed test that used a TorchServe (tests/test_serving.py) shows the server's logs."""
+    report = yield
+    server = getattr(item, "funcargs", {}).get("torchserve")
+    if report.failed and server is not None:
+        report.sections.append(("TorchServe logs (last lines)", server.log_tail()))
+    return report

@@ -1,0 +1,429 @@
+"""End to end (SPEC §4, §5): create_dlrm_mar.sh -> a real TorchServe on free loopback ports
+-> HTTP requests, each answer compared with the same model called in-process.
+
+The served config is the small one plus a 4th table of 2^24 + 10 rows (int8, D = 16: 20 B a
+row, 336 MB), so that ids float32 cannot tell apart (2^24 and 2^24 + 1) reach their rows.
+Same config and seed give bit-identical weights, so ``direct_model`` is the served model.
+
+Two registrations of the same .mar: ``dlrm`` with the .mar's own batching (batchSize 8,
+maxBatchDelay 5 ms) and ``dlrm_batched`` (batch_size 8, max_batch_delay 2 s), on which
+concurrent requests really gather into batches of 8.
+
+Symbols: B samples, N = 13 dense features, F = 4 sparse features.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+import requests
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from conftest import REPO, SMALL_TABLE_SIZES, small_model_config
+from dlrm_factory import DLRMFactory
+
+BIG_TABLE_ROWS = 2**24 + 10
+TABLE_SIZES = SMALL_TABLE_SIZES + [BIG_TABLE_ROWS]
+KEYS = [f"cat_{f}" for f in range(len(TABLE_SIZES))]
+E2E_CONFIG = small_model_config(num_embeddings_per_feature=TABLE_SIZES, max_samples_per_request=8)
+# Batched and single matmuls differ by a few float32 ulps (1.5e-8 at |score| ~ 0.2);
+# rows of the big table move the score by ~1e-6, so this still tells ids apart.
+SCORE_TOLERANCE = 1e-7
+READY_TIMEOUT_S = 300
+REQUEST_TIMEOUT_S = 120
+REFERENCE = os.path.join(os.path.dirname(REPO), "shared", "reference")
+TORCHSERVE = os.path.join(os.path.dirname(sys.executable), "torchserve")
+
+# A sample: (N dense numbers, F bags of ids).
+Sample = Tuple[List[float], List[List[int]]]
+
+
+# --- requests and the in-process reference ---------------------------------------------
+
+
+def make_request(samples: List[Sample], one_sample: bool = False) -> Dict[str, Any]:
+    """Upstream's format: dense as one list (one_sample) or B lists; lengths and ids
+    sample-major."""
+    return {
+        "float_features": samples[0][0] if one_sample else [dense for dense, _ in samples],
+        "id_list_features.lengths": [len(bag) for _, bags in samples for bag in bags],
+        "id_list_features.values": [i for _, bags in samples for bag in bags for i in bag],
+    }
+
+
+def direct_scores(model: torch.nn.Module, samples: List[Sample]) -> List[float]:
+    """The logits of ``model`` called in-process, its KJT built key-major feature by feature."""
+    bags = [samples[b][1][f] for f in range(len(KEYS)) for b in range(len(samples))]
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=KEYS,
+        values=torch.tensor([i for bag in bags for i in bag], dtype=torch.int64),
+        lengths=torch.tensor([len(bag) for bag in bags], dtype=torch.int64),
+    )
+    dense = torch.tensor([d for d, _ in samples], dtype=torch.float32)
+    with torch.inference_mode():
+        return model(dense, kjt).view(-1).tolist()
+
+
+def random_samples(rng: random.Random, count: int, max_length: int = 3) -> List[Sample]:
+    return [
+        (
+            [rng.uniform(-3.0, 3.0) for _ in range(13)],
+            [[rng.randrange(size) for _ in range(rng.randint(0, max_length))] for size in TABLE_SIZES],
+        )
+        for _ in range(count)
+    ]
+
+
+def approx(scores: Any) -> Any:
+    return pytest.approx(scores, rel=0, abs=SCORE_TOLERANCE)
+
+
+# --- the server ---------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> List[int]:
+    """``count`` distinct free loopback ports (bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class TorchServe:
+    """One TorchServe started by these tests: its addresses, logs and process group."""
+
+    def __init__(self, workdir: str, model_store: str) -> None:
+        self.workdir = workdir
+        self.log_dir = os.path.join(workdir, "logs")
+        tmp = os.path.join(workdir, "tmp")  # pid file and worker sockets: not shared
+        os.makedirs(self.log_dir)
+        os.makedirs(tmp)
+        inference, management, metrics = free_ports(3)
+        self.inference = f"http://127.0.0.1:{inference}"
+        self.management = f"http://127.0.0.1:{management}"
+        properties = os.path.join(workdir, "config.properties")
+        with open(properties, "w") as f:
+            f.write(
+                f"inference_address={self.inference}\n"
+                f"management_address={self.management}\n"
+                f"metrics_address=http://127.0.0.1:{metrics}\n"
+                "disable_token_authorization=true\n"
+                "enable_model_api=true\n"
+                "install_py_dep_per_model=false\n"
+                "default_workers_per_model=1\n"
+            )
+        env = {**os.environ, "LOG_LOCATION": self.log_dir, "METRICS_LOCATION": self.log_dir,
+               "TMPDIR": tmp, "TEMP": tmp}  # fmt: skip
+        env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
+        command = [
+            TORCHSERVE, "--start", "--foreground", "--ncs",
+            "--model-store", model_store,
+            "--ts-config", properties,
+            "--disable-token-auth", "--enable-model-api",
+        ]  # fmt: skip
+        with open(os.path.join(self.log_dir, "torchserve.out"), "w") as out:
+            self.process = subprocess.Popen(
+                command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: the frontend and its workers
+            )  # fmt: skip
+
+    def wait_until(self, what: str, ready: Any, timeout: float) -> None:
+        """Poll ``ready()`` every 0.5 s, at most ``timeout`` seconds; fail with the logs."""
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.5) + 1):
+            if self.process.poll() is not None:
+                pytest.fail(f"TorchServe exited with {self.process.returncode}\n{self.log_tail()}")
+            try:
+                if ready():
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        pytest.fail(f"{what} not ready after {timeout} s\n{self.log_tail()}")
+
+    def workers(self, model: str) -> List[Dict[str, Any]]:
+        response = requests.get(f"{self.management}/models/{model}", timeout=10)
+        return response.json()[0]["workers"] if response.status_code == 200 else []
+
+    def register(self, model: str, mar: str, **params: Any) -> None:
+        """Register ``mar`` as ``model`` with one worker, without waiting for it."""
+        query = {"url": mar, "model_name": model, "initial_workers": 1, "synchronous": "false", **params}
+        response = requests.post(f"{self.management}/models", params=query, timeout=30)
+        assert response.status_code in (200, 202), response.text
+
+    def wait_for_model(self, model: str) -> None:
+        """A request sent before the worker is up would wait: wait on the model's status."""
+        self.wait_until(
+            f"model {model}",
+            lambda: any(w["status"] == "READY" for w in self.workers(model)),
+            READY_TIMEOUT_S,
+        )
+
+    def stop(self) -> None:
+        """Stop this server only: its process group (launcher, Java frontend, workers)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        for _ in range(60):
+            self.process.poll()  # reap the launcher: a zombie would keep the group alive
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        tails = []
+        for name in ("torchserve.out", "ts_log.log", "model_log.log"):
+            try:
+                with open(os.path.join(self.log_dir, name), errors="replace") as f:
+                    tails.append(f"--- {name}\n" + "".join(f.readlines()[-lines:]))
+            except OSError:
+                pass
+        return "\n".join(tails)
+
+    def handler_calls(self, model: str) -> int:
+        """How many times the handler ran for ``model``: TorchServe logs one HandlerTime
+        metric per ``handle`` call."""
+        try:
+            with open(os.path.join(self.log_dir, "model_metrics.log")) as f:
+                return sum(1 for line in f if "HandlerTime" in line and f"ModelName:{model}," in line)
+        except FileNotFoundError:  # written with the first metric
+            return 0
+
+
+def predict(server: TorchServe, model: str, body: Any, content_type: str = "application/json") -> Tuple[int, Any]:
+    """POST one request; (HTTP status, parsed JSON answer)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = requests.post(
+        f"{server.inference}/predictions/{model}",
+        data=data,
+        headers={"Content-Type": content_type},
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    return response.status_code, response.json()
+
+
+# --- fixtures: mar_file -> torchserve -> dlrm / dlrm_batched ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("serving"))
+
+
+@pytest.fixture(scope="module")
+def mar_file(workdir: str) -> str:
+    config = os.path.join(workdir, "e2e_config.json")
+    with open(config, "w") as f:
+        json.dump(E2E_CONFIG, f)
+    store = os.path.join(workdir, "model_store")
+    subprocess.run(
+        [os.path.join(REPO, "create_dlrm_mar.sh"), "--config", config, "--export-path", store, "--model-name", "dlrm"],
+        check=True,
+        timeout=300,
+    )
+    return os.path.join(store, "dlrm.mar")
+
+
+@pytest.fixture(scope="module")
+def torchserve(workdir: str, mar_file: str) -> Iterator[TorchServe]:
+    server = TorchServe(workdir, os.path.dirname(mar_file))
+    try:
+        server.wait_until("TorchServe", lambda: requests.get(f"{server.inference}/ping", timeout=5).ok, 120)
+        server.register("dlrm", "dlrm.mar")  # the .mar's YAML: batchSize 8, maxBatchDelay 5 ms
+        server.register("dlrm_batched", "dlrm.mar", batch_size=8, max_batch_delay=2000)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def dlrm(torchserve: TorchServe) -> TorchServe:
+    torchserve.wait_for_model("dlrm")
+    return torchserve
+
+
+@pytest.fixture(scope="module")
+def dlrm_batched(torchserve: TorchServe) -> TorchServe:
+    torchserve.wait_for_model("dlrm_batched")
+    return torchserve
+
+
+@pytest.fixture(scope="module")
+def direct_model() -> torch.nn.Module:
+    return DLRMFactory(E2E_CONFIG)
+
+
+# --- answers ------------------------------------------------------------------------------
+
+
+def test_one_sample_request_is_answered_with_its_score_and_probability(
+    dlrm: TorchServe, direct_model: torch.nn.Module
+) -> None:
+    samples = random_samples(random.Random(1), 1)
+    status, answer = predict(dlrm, "dlrm", make_request(samples, one_sample=True))
+    assert status == 200
+    assert set(answer) == {"score", "probability"}
+    assert isinstance(answer["score"], float)
+    assert answer["score"] == approx(direct_scores(direct_model, samples)[0])
+    assert answer["probability"] == pytest.approx(1 / (1 + math.exp(-answer["score"])), abs=1e-7)
+
+
+def test_upstream_two_sample_request_equals_each_sample_sent_alone(
+    dlrm: TorchServe, direct_model: torch.nn.Module
+) -> None:
+    with open(os.path.join(REFERENCE, "upstream_dlrm_bs_2.json")) as f:
+        upstream = json.load(f)  # its dense features; ids valid for the served tables
+    samples = [(upstream["float_features"][0], [[11], [222], [3333], [2**24 + 5]]),
+               (upstream["float_features"][1], [[999], [0], [4999], [77]])]  # fmt: skip
+    status, both = predict(dlrm, "dlrm", make_request(samples))
+    alone = [predict(dlrm, "dlrm", make_request([s], one_sample=True)) for s in samples]
+    assert status == 200 and [a[0] for a in alone] == [200, 200]
+    assert len(both["score"]) == 2
+    assert both["score"] == approx([a[1]["score"] for a in alone])
+    assert both["score"] == approx(direct_scores(direct_model, samples))
+    assert both["score"][0] != pytest.approx(both["score"][1], abs=1e-3)
+
+
+def test_multi_hot_lengths_0_1_and_3_equal_a_direct_call_of_the_same_model(
+    dlrm: TorchServe, direct_model: torch.nn.Module
+) -> None:
+    samples = [([0.5] * 13, [[], [7], [1, 2, 3], [2**24 + 9, 0, 123456]]),
+               ([-0.5] * 13, [[999, 0, 5], [], [4], []])]  # fmt: skip
+    status, answer = predict(dlrm, "dlrm", make_request(samples))
+    assert status == 200
+    assert answer["score"] == approx(direct_scores(direct_model, samples))
+    # the bags matter: dropping one id changes the score
+    fewer = [([0.5] * 13, [[], [7], [1, 2], [2**24 + 9, 0, 123456]])]
+    assert direct_scores(direct_model, fewer)[0] != approx(answer["score"][0])
+
+
+def test_id_above_2_24_reaches_its_own_row(dlrm: TorchServe, direct_model: torch.nn.Module) -> None:
+    """float32 holds 2^24 + 1 as 2^24: upstream scored both ids with the same row."""
+    dense = [0.1 * i for i in range(13)]
+    scores = {}
+    for big_id in (2**24, 2**24 + 1):
+        sample = [(dense, [[1], [2], [3], [big_id]])]
+        status, answer = predict(dlrm, "dlrm", make_request(sample, one_sample=True))
+        assert status == 200
+        assert answer["score"] == approx(direct_scores(direct_model, sample)[0])
+        scores[big_id] = answer["score"]
+    assert abs(scores[2**24] - scores[2**24 + 1]) > 5 * SCORE_TOLERANCE
+
+
+# --- dynamic batching ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def burst(dlrm_batched: TorchServe) -> Dict[str, Any]:
+    """32 distinct requests (1 to 3 samples each) sent at once to ``dlrm_batched``."""
+    rng = random.Random(32)
+    sample_lists = [random_samples(rng, rng.randint(1, 3)) for _ in range(32)]
+    calls_before = dlrm_batched.handler_calls("dlrm_batched")
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(lambda s: predict(dlrm_batched, "dlrm_batched", make_request(s)), sample_lists))
+    return {"samples": sample_lists, "answers": answers, "calls_before": calls_before}
+
+
+def test_32_concurrent_requests_each_get_exactly_their_own_scores(
+    burst: Dict[str, Any], direct_model: torch.nn.Module
+) -> None:
+    for samples, (status, answer) in zip(burst["samples"], burst["answers"]):
+        assert status == 200
+        assert len(answer["score"]) == len(samples)
+        assert answer["score"] == approx(direct_scores(direct_model, samples))
+
+
+def test_concurrent_requests_really_form_batches(dlrm_batched: TorchServe, burst: Dict[str, Any]) -> None:
+    dlrm_batched.wait_until(  # the metrics log is written as the batches finish
+        "the burst's metrics",
+        lambda: dlrm_batched.handler_calls("dlrm_batched") - burst["calls_before"] >= 4,
+        30,
+    )
+    calls = dlrm_batched.handler_calls("dlrm_batched") - burst["calls_before"]
+    assert 4 <= calls < 32  # 32 requests in batches of up to 8
+
+
+def test_malformed_request_in_a_batch_leaves_its_neighbours_answers_correct(
+    dlrm_batched: TorchServe, direct_model: torch.nn.Module
+) -> None:
+    worker_pid = dlrm_batched.workers("dlrm_batched")[0]["pid"]
+    sample_lists = random_samples(random.Random(8), 7)
+    bodies: List[Any] = [make_request([s], one_sample=True) for s in sample_lists]
+    bodies.insert(3, make_request(random_samples(random.Random(9), 1)) | {"id_list_features.values": "oops"})
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda b: predict(dlrm_batched, "dlrm_batched", b), bodies))
+
+    status, error = answers.pop(3)
+    assert status == 400
+    assert error == {"code": 400, "type": "InvalidInput", "message": error["message"]}
+    assert error["message"].startswith("id_list_features.values: got the string 'oops'")
+    for sample, (status, answer) in zip(sample_lists, answers):
+        assert status == 200
+        assert answer["score"] == approx(direct_scores(direct_model, [sample])[0])
+    assert dlrm_batched.workers("dlrm_batched")[0]["pid"] == worker_pid  # the worker survived
+
+
+# --- bad requests over HTTP -----------------------------------------------------------------
+
+VALID = make_request([([0.5] * 13, [[1], [2], [3], [4]])], one_sample=True)
+TOO_MANY = make_request([([0.5] * 13, [[1], [2], [3], [4]])] * 9)
+
+
+def body_with(**fields: Any) -> bytes:
+    return json.dumps({**VALID, **{k.replace("__", "."): v for k, v in fields.items()}}).encode()
+
+
+# (case, raw body, HTTP status, the field the message must name first)
+TEST_CASES = [
+    ("not_json", b"float_features=1", 400, "request body"),
+    ("missing_key", json.dumps({"float_features": [0.5] * 13}).encode(), 400, "id_list_features.lengths"),
+    ("wrong_count", body_with(float_features=[0.5] * 12), 400, "float_features"),
+    ("string_number", body_with(float_features=["0.5"] * 13), 400, "float_features[0]"),
+    ("bool", body_with(float_features=[0.5] * 12 + [False]), 400, "float_features[12]"),
+    ("nan", body_with(float_features=[0.5] * 12 + [math.nan]), 400, "float_features[12]"),  # json.dumps writes NaN
+    ("infinity", body_with(float_features=[math.inf] + [0.5] * 12), 400, "float_features[0]"),
+    ("negative_id", body_with(id_list_features__values=[1, -2, 3, 4]), 400, "id_list_features.values[1]"),
+    ("id_of_table_size", body_with(id_list_features__values=[1, 2, 3, BIG_TABLE_ROWS]), 400, "id_list_features.values[3]"),
+    ("float_id", body_with(id_list_features__values=[1.0, 2, 3, 4]), 400, "id_list_features.values[0]"),
+    ("lengths_not_summing_to_values", body_with(id_list_features__lengths=[1, 1, 1, 2]), 400, "id_list_features.values"),
+    ("negative_length", body_with(id_list_features__lengths=[1, 1, -1, 3]), 400, "id_list_features.lengths[2]"),
+    ("too_many_samples", json.dumps(TOO_MANY).encode(), 413, "float_features"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body, status, field", [c[1:] for c in TEST_CASES], ids=[c[0] for c in TEST_CASES])
+def test_bad_request_is_answered_4xx_with_a_message_naming_the_field(
+    dlrm: TorchServe, body: bytes, status: int, field: str
+) -> None:
+    answer_status, answer = predict(dlrm, "dlrm", body)
+    assert answer_status == status
+    assert answer["code"] == status and answer["type"] == "InvalidInput"
+    assert answer["message"].startswith(f"{field}:")
+    assert "expected" in answer["message"]
+
+
+def test_worker_answers_normally_after_bad_requests(dlrm: TorchServe) -> None:
+    assert predict(dlrm, "dlrm", b"{")[0] == 400
+    status, answer = predict(dlrm, "dlrm", VALID)
+    assert status == 200 and isinstance(answer["score"], float)
