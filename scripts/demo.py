@@ -134,6 +134,7 @@ def start(config: str, timeout: float) -> None:
     os.makedirs(TMP_DIR, exist_ok=True)
     env = {**os.environ, "LOG_LOCATION": LOG_DIR, "METRICS_LOCATION": LOG_DIR,
            "TMPDIR": TMP_DIR, "TEMP": TMP_DIR}  # fmt: skip
+    env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
     command = [
         os.path.join(os.path.dirname(sys.executable), "torchserve"),
         "--start", "--foreground", "--ncs",
