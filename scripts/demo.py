@@ -20,6 +20,7 @@ $TEMP/.ts.sock.<port>. Both point into .demo/tmp here.
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,16 +78,17 @@ def running_pid() -> Optional[int]:
     return pid if b"torchserve" in cmdline else None
 
 
-def last_log_line() -> str:
-    """The last line of the worker's log (the factory's progress shows there)."""
+def last_worker_line() -> str:
+    """The worker's latest log message (the factory's progress bar shows there)."""
     try:
         with open(os.path.join(LOG_DIR, "model_log.log"), "rb") as f:
-            f.seek(max(0, os.path.getsize(f.name) - 4096))
-            lines = f.read().decode(errors="replace").replace("\r", "\n").splitlines()
+            f.seek(max(0, os.path.getsize(f.name) - 8192))
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return ""
-    lines = [line for line in lines if line.strip()]
-    return lines[-1][-160:] if lines else ""
+    messages = [line.split(" - ", 1)[1].strip() for line in lines if " - " in line]
+    messages = [m for m in messages if m and len(m) < 200]  # skip config dumps
+    return messages[-1] if messages else ""
 
 
 def wait_until_ready(management: str, server: subprocess.Popen, timeout: float) -> None:
@@ -105,8 +107,9 @@ def wait_until_ready(management: str, server: subprocess.Popen, timeout: float) 
         if elapsed >= timeout:
             break
         if time.monotonic() >= next_progress:
-            state = ", ".join(w.get("status", "?") for w in workers) or "no worker yet"
-            print(f"  {elapsed:4.0f} s  worker: {state}  | {last_log_line()}", flush=True)
+            # TorchServe reports a worker that is still loading as "UNLOADING".
+            state = "loading the model" if workers else "starting"
+            print(f"  {elapsed:4.0f} s  {state}  | {last_worker_line()}", flush=True)
             next_progress += PROGRESS_SECONDS
         time.sleep(POLL_SECONDS)
     sys.exit(
@@ -130,7 +133,8 @@ def start(config: str, timeout: float) -> None:
         check=True,
     )  # fmt: skip
 
-    os.makedirs(LOG_DIR, exist_ok=True)
+    shutil.rmtree(LOG_DIR, ignore_errors=True)  # this run's logs only
+    os.makedirs(LOG_DIR)
     os.makedirs(TMP_DIR, exist_ok=True)
     env = {**os.environ, "LOG_LOCATION": LOG_DIR, "METRICS_LOCATION": LOG_DIR,
            "TMPDIR": TMP_DIR, "TEMP": TMP_DIR}  # fmt: skip
