@@ -281,8 +281,9 @@ def to_key_major_kjt(keys: List[str], lengths: torch.Tensor, values: torch.Tenso
     ``KeyedJaggedTensor`` (all of feature 0's samples, then feature 1's, ...).
 
     Cell (b, f) of the request is jagged segment b*F + f; the KJT wants it at f*B + b.
-    fbgemm's ``permute_1D_sparse_data`` (what TorchRec's ``KeyedJaggedTensor.permute`` runs)
-    moves whole segments in one op: no Python loop per id."""
+    fbgemm's ``permute_1D_sparse_data`` (the op TorchRec permutes jagged segments with, e.g.
+    in ``KeyedJaggedTensor.permute`` for variable batch sizes) moves whole segments in one
+    op: no Python loop per id."""
     num_samples, num_features = lengths.shape
     segment_order = torch.arange(num_samples * num_features, dtype=torch.int32)
     segment_order = segment_order.view(num_samples, num_features).t().reshape(-1)

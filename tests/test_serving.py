@@ -368,11 +368,16 @@ def test_malformed_request_in_a_batch_leaves_its_neighbours_answers_correct(
     dlrm_batched: TorchServe, direct_model: torch.nn.Module
 ) -> None:
     worker_pid = dlrm_batched.workers("dlrm_batched")[0]["pid"]
+    calls_before = dlrm_batched.handler_calls("dlrm_batched")
     sample_lists = random_samples(random.Random(8), 7)
     bodies: List[Any] = [make_request([s], one_sample=True) for s in sample_lists]
     bodies.insert(3, make_request(random_samples(random.Random(9), 1)) | {"id_list_features.values": "oops"})
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(lambda b: predict(dlrm_batched, "dlrm_batched", b), bodies))
+    dlrm_batched.wait_until(
+        "the batch's metrics", lambda: dlrm_batched.handler_calls("dlrm_batched") > calls_before, 30
+    )
+    assert dlrm_batched.handler_calls("dlrm_batched") - calls_before == 1  # one batch of 8
 
     status, error = answers.pop(3)
     assert status == 400
