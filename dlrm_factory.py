@@ -437,7 +437,7 @@ def fill_random(model: nn.Module, cfg: Dict[str, Any]) -> None:
         i = table_index[name]
         bound = math.sqrt(1.0 / cfg["num_embeddings_per_feature"][i])
         if scale_bias is not None:
-            scale_bias.copy_(_quantized_scale_bias(quant_dtype, bound).expand_as(scale_bias))
+            scale_bias.copy_(_quantized_scale_bias(quant_dtype, bound).to(scale_bias.device).expand_as(scale_bias))
         for chunk, start, end in _chunks(row_offset, row_offset + weights.shape[0]):
             first = chunk * FILL_CHUNK_ROWS
             jobs.append((i, chunk, first, start, end, row_offset, weights, bound))
