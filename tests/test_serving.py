@@ -16,22 +16,16 @@ import json
 import math
 import os
 import random
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List
 
 import pytest
-import requests
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+import serving
 from conftest import REPO, SMALL_TABLE_SIZES, small_model_config
 from dlrm_factory import DLRMFactory
+from serving import Sample, TorchServe, build_mar, make_request, predict
 
 BIG_TABLE_ROWS = 2**24 + 10
 TABLE_SIZES = SMALL_TABLE_SIZES + [BIG_TABLE_ROWS]
@@ -40,187 +34,23 @@ E2E_CONFIG = small_model_config(num_embeddings_per_feature=TABLE_SIZES, max_samp
 # Batched and single matmuls differ by a few float32 ulps (1.5e-8 at |score| ~ 0.2);
 # rows of the big table move the score by ~1e-6, so this still tells ids apart.
 SCORE_TOLERANCE = 1e-7
-READY_TIMEOUT_S = 300
-REQUEST_TIMEOUT_S = 120
 REFERENCE = os.path.join(os.path.dirname(REPO), "shared", "reference")
-TORCHSERVE = os.path.join(os.path.dirname(sys.executable), "torchserve")
-
-# A sample: (N dense numbers, F bags of ids).
-Sample = Tuple[List[float], List[List[int]]]
 
 
-# --- requests and the in-process reference ---------------------------------------------
-
-
-def make_request(samples: List[Sample], one_sample: bool = False) -> Dict[str, Any]:
-    """Upstream's format: dense as one list (one_sample) or B lists; lengths and ids
-    sample-major."""
-    return {
-        "float_features": samples[0][0] if one_sample else [dense for dense, _ in samples],
-        "id_list_features.lengths": [len(bag) for _, bags in samples for bag in bags],
-        "id_list_features.values": [i for _, bags in samples for bag in bags for i in bag],
-    }
+# --- requests and the in-process reference (tests/serving.py, for this model's tables) ---
 
 
 def direct_scores(model: torch.nn.Module, samples: List[Sample]) -> List[float]:
     """The logits of ``model`` called in-process, its KJT built key-major feature by feature."""
-    bags = [samples[b][1][f] for f in range(len(KEYS)) for b in range(len(samples))]
-    kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=KEYS,
-        values=torch.tensor([i for bag in bags for i in bag], dtype=torch.int64),
-        lengths=torch.tensor([len(bag) for bag in bags], dtype=torch.int64),
-    )
-    dense = torch.tensor([d for d, _ in samples], dtype=torch.float32)
-    with torch.inference_mode():
-        return model(dense, kjt).view(-1).tolist()
+    return serving.direct_scores(model, KEYS, samples)
 
 
 def random_samples(rng: random.Random, count: int, max_length: int = 3) -> List[Sample]:
-    return [
-        (
-            [rng.uniform(-3.0, 3.0) for _ in range(13)],
-            [[rng.randrange(size) for _ in range(rng.randint(0, max_length))] for size in TABLE_SIZES],
-        )
-        for _ in range(count)
-    ]
+    return serving.random_samples(rng, count, TABLE_SIZES, max_length)
 
 
 def approx(scores: Any) -> Any:
     return pytest.approx(scores, rel=0, abs=SCORE_TOLERANCE)
-
-
-# --- the server ---------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> List[int]:
-    """``count`` distinct free loopback ports (bound at once, then released)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class TorchServe:
-    """One TorchServe started by these tests: its addresses, logs and process group."""
-
-    def __init__(self, workdir: str, model_store: str) -> None:
-        self.workdir = workdir
-        self.log_dir = os.path.join(workdir, "logs")
-        tmp = os.path.join(workdir, "tmp")  # pid file and worker sockets: not shared
-        os.makedirs(self.log_dir)
-        os.makedirs(tmp)
-        inference, management, metrics = free_ports(3)
-        self.inference = f"http://127.0.0.1:{inference}"
-        self.management = f"http://127.0.0.1:{management}"
-        properties = os.path.join(workdir, "config.properties")
-        with open(properties, "w") as f:
-            f.write(
-                f"inference_address={self.inference}\n"
-                f"management_address={self.management}\n"
-                f"metrics_address=http://127.0.0.1:{metrics}\n"
-                "disable_token_authorization=true\n"
-                "enable_model_api=true\n"
-                "install_py_dep_per_model=false\n"
-                "default_workers_per_model=1\n"
-            )
-        env = {**os.environ, "LOG_LOCATION": self.log_dir, "METRICS_LOCATION": self.log_dir,
-               "TMPDIR": tmp, "TEMP": tmp}  # fmt: skip
-        env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
-        command = [
-            TORCHSERVE, "--start", "--foreground", "--ncs",
-            "--model-store", model_store,
-            "--ts-config", properties,
-            "--disable-token-auth", "--enable-model-api",
-        ]  # fmt: skip
-        with open(os.path.join(self.log_dir, "torchserve.out"), "w") as out:
-            self.process = subprocess.Popen(
-                command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: the frontend and its workers
-            )  # fmt: skip
-
-    def wait_until(self, what: str, ready: Any, timeout: float) -> None:
-        """Poll ``ready()`` every 0.5 s, at most ``timeout`` seconds; fail with the logs."""
-        deadline = time.monotonic() + timeout
-        for _ in range(int(timeout / 0.5) + 1):
-            if self.process.poll() is not None:
-                pytest.fail(f"TorchServe exited with {self.process.returncode}\n{self.log_tail()}")
-            try:
-                if ready():
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        pytest.fail(f"{what} not ready after {timeout} s\n{self.log_tail()}")
-
-    def workers(self, model: str) -> List[Dict[str, Any]]:
-        response = requests.get(f"{self.management}/models/{model}", timeout=10)
-        return response.json()[0]["workers"] if response.status_code == 200 else []
-
-    def register(self, model: str, mar: str, **params: Any) -> None:
-        """Register ``mar`` as ``model`` with one worker, without waiting for it."""
-        query = {"url": mar, "model_name": model, "initial_workers": 1, "synchronous": "false", **params}
-        response = requests.post(f"{self.management}/models", params=query, timeout=30)
-        assert response.status_code in (200, 202), response.text
-
-    def wait_for_model(self, model: str) -> None:
-        """A request sent before the worker is up would wait: wait on the model's status."""
-        self.wait_until(
-            f"model {model}",
-            lambda: any(w["status"] == "READY" for w in self.workers(model)),
-            READY_TIMEOUT_S,
-        )
-
-    def stop(self) -> None:
-        """Stop this server only: its process group (launcher, Java frontend, workers)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        for _ in range(60):
-            self.process.poll()  # reap the launcher: a zombie would keep the group alive
-            try:
-                os.killpg(self.process.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.5)
-        else:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def log_tail(self, lines: int = 40) -> str:
-        tails = []
-        for name in ("torchserve.out", "ts_log.log", "model_log.log"):
-            try:
-                with open(os.path.join(self.log_dir, name), errors="replace") as f:
-                    tails.append(f"--- {name}\n" + "".join(f.readlines()[-lines:]))
-            except OSError:
-                pass
-        return "\n".join(tails)
-
-    def handler_calls(self, model: str) -> int:
-        """How many times the handler ran for ``model``: TorchServe logs one HandlerTime
-        metric per ``handle`` call."""
-        try:
-            with open(os.path.join(self.log_dir, "model_metrics.log")) as f:
-                return sum(1 for line in f if "HandlerTime" in line and f"ModelName:{model}," in line)
-        except FileNotFoundError:  # written with the first metric
-            return 0
-
-
-def predict(server: TorchServe, model: str, body: Any, content_type: str = "application/json") -> Tuple[int, Any]:
-    """POST one request; (HTTP status, parsed JSON answer)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = requests.post(
-        f"{server.inference}/predictions/{model}",
-        data=data,
-        headers={"Content-Type": content_type},
-        timeout=REQUEST_TIMEOUT_S,
-    )
-    return response.status_code, response.json()
 
 
 # --- fixtures: mar_file -> torchserve -> dlrm / dlrm_batched ---------------------------------
@@ -233,23 +63,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def mar_file(workdir: str) -> str:
-    config = os.path.join(workdir, "e2e_config.json")
-    with open(config, "w") as f:
-        json.dump(E2E_CONFIG, f)
-    store = os.path.join(workdir, "model_store")
-    subprocess.run(
-        [os.path.join(REPO, "create_dlrm_mar.sh"), "--config", config, "--export-path", store, "--model-name", "dlrm"],
-        check=True,
-        timeout=300,
-    )
-    return os.path.join(store, "dlrm.mar")
+    return build_mar(E2E_CONFIG, workdir, "dlrm")
 
 
 @pytest.fixture(scope="module")
 def torchserve(workdir: str, mar_file: str) -> Iterator[TorchServe]:
     server = TorchServe(workdir, os.path.dirname(mar_file))
     try:
-        server.wait_until("TorchServe", lambda: requests.get(f"{server.inference}/ping", timeout=5).ok, 120)
+        server.wait_for_ping()
         server.register("dlrm", "dlrm.mar")  # the .mar's YAML: batchSize 8, maxBatchDelay 5 ms
         server.register("dlrm_batched", "dlrm.mar", batch_size=8, max_batch_delay=2000)
         yield server
