@@ -1,6 +1,8 @@
 # make demo  - set up if needed, build dlrm.mar, start TorchServe, score sample_data.json
 # make test  - set up if needed, run the whole test suite
 # make setup - create .venv/ and install the pinned CPU stack (and the test tools)
+# make kserve - build kserve/model-store/dlrm.mar: with kserve/config/, the tree KServe mounts
+#               at /mnt/models (README, "KServe")
 SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
@@ -8,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_FLAGS ?=
 
-.PHONY: setup test check-java demo stop
+.PHONY: setup test check-java demo stop kserve
 
 setup: $(STAMP)
 
@@ -38,3 +40,11 @@ demo: $(STAMP)
 # Stop the TorchServe that `make demo` started (only that one, by its pid in .demo/).
 stop:
 	$(PY) scripts/demo.py stop
+
+# The model store of kserve/dlrm-inferenceservice.yaml: model-store/dlrm.mar next to config/
+# (config.properties names /mnt/models/model-store/dlrm.mar). Another config or folder:
+# make kserve KSERVE_MODEL_CONFIG=my_config.json KSERVE_MODEL_STORE=/path/to/model-store
+KSERVE_MODEL_CONFIG ?= model_config.json
+KSERVE_MODEL_STORE ?= kserve/model-store
+kserve: | $(STAMP)
+	./create_dlrm_mar.sh --config $(KSERVE_MODEL_CONFIG) --export-path $(KSERVE_MODEL_STORE) --model-name dlrm

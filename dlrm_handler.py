@@ -37,12 +37,15 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any, Dict, List, Tuple, Union
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ts.handler_utils.timer import timed
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
 
 from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config
 
@@ -306,6 +309,63 @@ def request_body(row: Any) -> Any:
     return row
 
 
+# ---------------------------------------------------------------------------------------
+# KServe v2 (open inference protocol), through TorchServe's ``kservev2`` envelope.
+# ---------------------------------------------------------------------------------------
+
+# The v2 inputs of a request: upstream's keys as names, each with its datatype; the outputs.
+V2_DATATYPES = {DENSE_KEY: "FP32", LENGTHS_KEY: "INT64", VALUES_KEY: "INT64"}
+V2_OUTPUTS = ("score", "probability")  # FP32, shape [B] each
+
+
+def under_kservev2_envelope(context: Any) -> bool:
+    """Whether TorchServe's ``kservev2`` envelope wraps ``handle`` (``service_envelope`` in
+    config.properties, or ``TS_SERVICE_ENVELOPE``, which KServe sets for ``protocolVersion:
+    v2``). The envelope then hands ``handle`` the "inputs" of ONE request, each
+    ``{"name", "shape", "datatype", "data"}`` with its data already reshaped to its shape,
+    and makes the list ``handle`` returns the v2 "outputs", naming output i
+    ``context.input_names[i]``: an attribute only this envelope sets (before ``handle``)."""
+    return hasattr(context, "input_names")
+
+
+def v2_request(inputs: Any) -> Dict[str, Any]:
+    """The inputs of one v2 request -> the same request in upstream's keys, for
+    ``parse_request`` (which checks every value). ``float_features`` [B, N] stays B lists
+    (or one list for shape [N]); ``id_list_features.lengths`` may be [B, F] (flattened
+    sample-major) or [B*F]; ``id_list_features.values`` is [L]."""
+    if not isinstance(inputs, list):
+        raise invalid_input(f"inputs: got {_describe(inputs)}; expected a list of v2 input tensors")
+    request = {}
+    for tensor in inputs:
+        name = tensor.get("name") if isinstance(tensor, dict) else None
+        if not isinstance(name, str) or name not in V2_DATATYPES:
+            named = repr(name[:40]) if isinstance(name, str) else _describe(name)
+            raise invalid_input(
+                f"inputs: got an input named {named}; expected the inputs {', '.join(REQUEST_KEYS)}"
+            )
+        datatype = tensor.get("datatype")
+        if datatype != V2_DATATYPES[name]:
+            found = repr(datatype[:20]) if isinstance(datatype, str) else _describe(datatype)
+            raise invalid_input(f"{name}: got datatype {found}; expected {V2_DATATYPES[name]!r}")
+        data = tensor.get("data")
+        if name != DENSE_KEY and isinstance(data, list) and data and isinstance(data[0], list):
+            data = list(itertools.chain.from_iterable(data))  # [B, F] -> sample-major [B*F]
+        request[name] = data
+    return request
+
+
+# ---------------------------------------------------------------------------------------
+# Custom metrics (``context.metrics``), declared in metrics.yaml: with metrics_mode=prometheus
+# TorchServe publishes only declared backend metrics. Dimensions ModelName and Level (added
+# by TorchServe), Hostname (added by the frontend).
+# ---------------------------------------------------------------------------------------
+
+SAMPLES_METRIC = "DLRMSamplesPerBatch"  # gauge: samples scored by one handle call
+PREPROCESS_METRIC = "DLRMPreprocessTime"  # gauge, ms: parsing + KJT of one handle call
+INFERENCE_METRIC = "DLRMInferenceTime"  # gauge, ms: the model call of one handle call
+INVALID_METRIC = "DLRMInvalidRequests"  # counter: requests answered 4xx InvalidInput
+
+
 def read_served_config(model_dir: str) -> Dict[str, Any]:
     """The resolved config of the ``.mar`` unpacked at ``model_dir``: its ``model_config.json``,
     with ``checkpoint`` set to the packaged ``checkpoint.pt`` when there is one (a relative
@@ -328,7 +388,11 @@ class TorchRecDLRMHandler(BaseHandler):
     """Scores DLRM requests; the model is built by ``DLRMFactory`` from the ``.mar``'s
     ``model_config.json`` (and ``checkpoint.pt``, if packaged). Nothing is downloaded.
 
-    ``handle`` is BaseHandler's: preprocess -> inference -> postprocess."""
+    ``handle`` is BaseHandler's: preprocess -> inference -> postprocess. Under TorchServe's
+    ``kservev2`` envelope (KServe's open inference protocol) the same steps answer one v2
+    request: its inputs go through ``v2_request`` into ``parse_request``, its scores come
+    back as the outputs ``score`` and ``probability``. Each call reports the custom metrics
+    above through ``context.metrics``."""
 
     def initialize(self, context: Any) -> None:
         """Build the model. BaseHandler's model loading is not used: it would call the model
@@ -343,6 +407,7 @@ class TorchRecDLRMHandler(BaseHandler):
         )
         self.model = DLRMFactory(self.config)
         self.device = next(self.model.parameters()).device  # the dense layers' device
+        context.metrics.add_counter(INVALID_METRIC, 0)  # on /metrics at 0 before any bad request
         self.initialized = True
 
     @timed
@@ -367,12 +432,25 @@ class TorchRecDLRMHandler(BaseHandler):
                               values=[7, 5, 6,  9,  42, 43, 11])
 
         (Upstream passed the sample-major lists to the KJT as they came: right for one
-        sample, scrambled for more.)"""
+        sample, scrambled for more.)
+
+        Under the ``kservev2`` envelope ``data`` is the inputs of one v2 request, and a bad
+        one raises ``PredictionException`` with its 4xx (the envelope cannot carry an error
+        body)."""
+        started = time.perf_counter()
+        v2 = under_kservev2_envelope(self.context)
+        if v2 and len(getattr(self.context, "request_ids", None) or ()) > 1:
+            raise PredictionException(
+                f"{len(self.context.request_ids)} requests in one batch: TorchServe's kservev2 "
+                "envelope passes on only the first; serve this model with batchSize 1 (as "
+                "kserve/config/config.properties does)",
+                500,
+            )
         plan: RequestPlan = []
         parsed: List[ParsedRequest] = []
-        for row in data:
+        for row in [data] if v2 else data:
             try:
-                request = parse_request(request_body(row), self.config)
+                request = parse_request(v2_request(row) if v2 else request_body(row), self.config)
             except ValueError as error:
                 plan.append(error)
                 continue
@@ -387,6 +465,17 @@ class TorchRecDLRMHandler(BaseHandler):
         )
         values = torch.cat([p[2] for p in parsed] or [torch.empty(0, dtype=torch.int64)])
         kjt = to_key_major_kjt(self.config["id_list_features_keys"], lengths, values)
+        metrics = self.context.metrics
+        invalid = len(plan) - len(parsed)
+        if invalid:
+            metrics.add_counter(INVALID_METRIC, invalid)
+        metrics.add_metric(SAMPLES_METRIC, dense.shape[0], "count", metric_type=MetricTypes.GAUGE)
+        metrics.add_time(PREPROCESS_METRIC, (time.perf_counter() - started) * 1000)
+        if v2 and invalid:
+            status, body = error_response(plan[0])
+            # An error's 413 reaches the client as 507 (TorchServe keeps 413 for a worker
+            # killed for memory): too many samples is a 400 here (SPEC §4 allows either).
+            raise PredictionException(body["message"], BAD_REQUEST if status == PAYLOAD_TOO_LARGE else status)
         return dense, kjt, plan
 
     @timed
@@ -397,15 +486,24 @@ class TorchRecDLRMHandler(BaseHandler):
         dense, kjt, plan = batch
         if dense.shape[0] == 0:  # every request of the batch was bad
             return torch.empty(0), plan
+        started = time.perf_counter()
         with torch.inference_mode():
             logits = self.model(dense.to(self.device), kjt.to(self.device))
-        return logits.reshape(-1).float().cpu(), plan
+        logits = logits.reshape(-1).float().cpu()
+        self.context.metrics.add_time(INFERENCE_METRIC, (time.perf_counter() - started) * 1000)
+        return logits, plan
 
     @timed
-    def postprocess(self, output: Tuple[torch.Tensor, RequestPlan]) -> List[Dict[str, Any]]:
+    def postprocess(self, output: Tuple[torch.Tensor, RequestPlan]) -> List[Any]:
         """Each request its own answer, in order: its scores (scalars for a one-sample
-        request) or its InvalidInput error with the 4xx set on its response."""
+        request) or its InvalidInput error with the 4xx set on its response.
+
+        Under the ``kservev2`` envelope: the v2 outputs of the one request, [scores
+        float32[B], probabilities float32[B]], named ``score`` and ``probability``."""
         logits, plan = output
+        if under_kservev2_envelope(self.context):
+            self.context.input_names = list(V2_OUTPUTS)  # the envelope's names for the outputs
+            return [logits.numpy(), torch.sigmoid(logits).numpy()]
         scores, probabilities = logits.tolist(), torch.sigmoid(logits).tolist()
         answers: List[Dict[str, Any]] = []
         start = 0

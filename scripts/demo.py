@@ -151,8 +151,9 @@ def start(config: str, timeout: float) -> None:
     started = time.monotonic()
     with open(os.path.join(DEMO_DIR, "torchserve.out"), "w") as out:
         # Own session, so `make stop` can stop this server and its workers as one group.
+        # cwd: config.properties' relative paths (metrics_config) are the repo root's.
         server = subprocess.Popen(
-            command, cwd=DEMO_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
+            command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     with open(PID_FILE, "w") as f:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from ts.context import Context, RequestProcessor
-from ts.metrics.metrics_store import MetricsStore
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.utils.util import list_classes_from_module
 
 import dlrm_handler
@@ -208,6 +208,15 @@ def test_kjt_of_no_ids_at_all_is_valid() -> None:
 # --- the handler on a stand-in TorchServe context -------------------------------------------
 
 
+def worker_metrics() -> MetricsCacheYamlImpl:
+    """The metrics cache a TorchServe 0.12 worker gives its handler (``context.metrics``),
+    read from the repo's metrics.yaml."""
+    metrics = MetricsCacheYamlImpl(config_file_path=os.path.join(REPO, "metrics.yaml"))
+    metrics.initialize_cache()
+    metrics.model_name = "dlrm"
+    return metrics
+
+
 def stand_in_context(model_dir: str, batch: int) -> Context:
     """TorchServe's own Context, as its worker builds it, for a batch of ``batch`` requests."""
     context = Context(
@@ -217,7 +226,7 @@ def stand_in_context(model_dir: str, batch: int) -> Context:
         batch_size=8,
         gpu=None,
         mms_version="0.12.0",
-        metrics=MetricsStore("test", "dlrm"),
+        metrics=worker_metrics(),
         model_yaml_config={},
     )
     context.request_processor = [RequestProcessor({}) for _ in range(batch)]
