@@ -1,0 +1,542 @@
+"""Serving benchmark: requests/s and p50/p99 latency of the DLRM handler through a real
+TorchServe, next to a do-nothing handler (``noop_handler.py``) served the same way.
+
+    apt-get install -y wrk            # the load generator (macOS: brew install wrk)
+    .venv/bin/python benchmarks/bench_serve.py          # ~4 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_serve.py --quick  # ~1 minute: short runs, one round
+
+What runs: ONE TorchServe with the repo's config.properties (its addresses moved to free
+loopback ports, gRPC's too; ``--ts-property KEY=VALUE`` to change a line), its own
+TMPDIR/TEMP, stopped by its process group, and two models registered on it from the same
+per-model YAML (the repo's ``model-config.yaml``, the one ``create_dlrm_mar.sh`` packages;
+``--model-yaml`` to try another):
+
+    dlrm  create_dlrm_mar.sh of the default architecture (D = 64, dense MLP 512-256-64,
+          over MLP 512-512-256-1, 26 tables) with every table capped at ``--max-rows``
+          rows (default 100,000: 917,618 rows, ~66 MB of int8 tables, so the worker starts
+          in seconds); ``--full-config`` serves model_config.json (Criteo 1TB, ~12 GB, minutes)
+    noop  benchmarks/noop_handler.py: a constant answer per request
+
+Each request is one sample: sample_data.json with its ids taken modulo the served table
+sizes (so every id is valid: every answer must be a 200), sent as ``application/json``
+(``--content-type`` to compare others). For each connection count (1, 8, 32) the two
+models are measured back to back (noop, then dlrm), each ``--warmup`` s unmeasured and
+then ``--duration`` s measured; ``--rounds`` repeats the whole sweep and the table shows
+each cell's best round (highest req/s, with that round's latencies): other work on a shared
+machine only ever slows a run down. The ratio column is req/s over the no-op's in the same
+round. "batch" is requests per handler call (TorchServe's dynamic batching at work), from
+the PredictionTime metric the worker logs per call: only with ``metrics_mode=log`` (under
+``prometheus`` TorchServe keeps just the last value; "-"). "other load" is the CPU the rest
+of the machine used meanwhile (cores busy outside this TorchServe and wrk), from /proc.
+
+Why wrk: a closed loop of exactly N keep-alive connections (each sends its next request when
+the previous answer arrives: bounded concurrency, no queue build-up in the client), written
+in C with one event-loop thread, so on a 2-core machine it takes a few percent of a core at
+thousands of requests/s. A Python client would need most of a core for that rate and take it
+from the server it measures. A Lua script (``WRK_LUA``) sets the POST body and prints the
+latency percentiles as JSON. Without wrk the benchmark stops and says how to
+install it.
+
+Output: a markdown table on stdout; ``--out`` (default benchmarks/results/bench_serve.png)
+gets the plot, and a .json of every round next to it.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, List, Optional, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from dlrm_factory import create_default_model_config, read_config_source, resolve_model_config  # noqa: E402
+
+BIN = os.path.dirname(sys.executable)
+MODELS = ("noop", "dlrm")
+READY_TIMEOUT_S = {"full": 900, "capped": 180}  # the full config builds 12 GB of tables
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+WRK_LUA = r"""
+-- POST the body in $BENCH_BODY as $BENCH_CONTENT_TYPE; print the summary as one JSON line.
+local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"mean_us": %.1f, "max_us": %d, "errors": {"connect": %d, "read": %d, "write": %d, ' ..
+    '"status": %d, "timeout": %d}}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency.mean, latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+# --- what is served -----------------------------------------------------------------------
+
+
+def served_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """The DLRM config to serve: model_config.json, or the default architecture with every
+    table capped at ``args.max_rows`` rows."""
+    if args.full_config:
+        config = read_config_source(os.path.join(REPO, "model_config.json"))
+    else:
+        config = create_default_model_config()
+        config["num_embeddings_per_feature"] = [
+            min(rows, args.max_rows) for rows in config["num_embeddings_per_feature"]
+        ]
+    config["device"] = "cpu"
+    resolve_model_config(config)  # fail here, not in the worker
+    return config
+
+
+def request_body(config: Dict[str, Any]) -> bytes:
+    """sample_data.json (one sample, one id per table) with each id taken modulo its table's
+    size, as compact JSON."""
+    with open(os.path.join(REPO, "sample_data.json")) as f:
+        body = json.load(f)
+    sizes = config["num_embeddings_per_feature"]
+    ids = body["id_list_features.values"]
+    if len(ids) != len(sizes):
+        sys.exit(f"sample_data.json has {len(ids)} ids; the served config has {len(sizes)} tables")
+    body["id_list_features.values"] = [i % rows for i, rows in zip(ids, sizes)]
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def build_mars(workdir: str, config: Dict[str, Any], model_yaml: str) -> str:
+    """dlrm.mar (create_dlrm_mar.sh) and noop.mar (noop_handler.py), both with ``model_yaml``
+    as their per-model YAML; returns the model store."""
+    store = os.path.join(workdir, "model_store")
+    config_file = os.path.join(workdir, "served_config.json")
+    with open(config_file, "w") as f:
+        json.dump(config, f, indent=2)
+    env = {**os.environ, "MODEL_YAML": model_yaml}
+    subprocess.run(
+        [os.path.join(REPO, "create_dlrm_mar.sh"), "--config", config_file,
+         "--export-path", store, "--model-name", "dlrm"],
+        env=env, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    archiver_tmp = os.path.join(workdir, "archiver_tmp")  # the archiver stages in $TMPDIR
+    os.makedirs(archiver_tmp)
+    subprocess.run(
+        [os.path.join(BIN, "torch-model-archiver"),
+         "--model-name", "noop",
+         "--version", "1.0",
+         "--handler", os.path.join(REPO, "benchmarks", "noop_handler.py"),
+         "--config-file", model_yaml,
+         "--export-path", store,
+         "--force"],
+        env={**os.environ, "TMPDIR": archiver_tmp}, check=True,
+    )  # fmt: skip
+    return store
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+def free_ports(count: int) -> List[int]:
+    """``count`` distinct free loopback ports (bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def http(method: str, url: str, body: Optional[bytes] = None, content_type: str = "application/json",
+         timeout: float = 30.0) -> Tuple[int, bytes]:  # fmt: skip
+    """(status, body) of one HTTP request; status 0 when nothing answered."""
+    headers = {"Content-Type": content_type} if body is not None else {}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def shipped_properties() -> Dict[str, str]:
+    """The repo's config.properties as a dict (key=value lines; # comments skipped)."""
+    properties = {}
+    with open(os.path.join(REPO, "config.properties")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                properties[key.strip()] = value.strip()
+    return properties
+
+
+class TorchServe:
+    """One TorchServe of this benchmark: the repo's config.properties on free loopback ports,
+    its own logs and TMPDIR/TEMP (two TorchServes sharing them interfere: pid file, worker
+    sockets), its own process group (stopped by it; never ``torchserve --stop``, which stops
+    every TorchServe on the machine)."""
+
+    def __init__(self, workdir: str, model_store: str, extra_env: Dict[str, str],
+                 properties_overrides: Dict[str, str]) -> None:  # fmt: skip
+        self.log_dir = os.path.join(workdir, "logs")
+        tmp = os.path.join(workdir, "tmp")
+        os.makedirs(self.log_dir)
+        os.makedirs(tmp)
+        inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+        self.inference = f"http://127.0.0.1:{inference}"
+        self.management = f"http://127.0.0.1:{management}"
+        overrides = {"inference_address": self.inference, "management_address": self.management,
+                     "metrics_address": f"http://127.0.0.1:{metrics}",
+                     # TorchServe always starts gRPC too, by default on 7070/7071: a second
+                     # TorchServe on those ports makes one of them exit.
+                     "grpc_inference_address": "127.0.0.1", "grpc_inference_port": str(grpc_inference),
+                     "grpc_management_address": "127.0.0.1", "grpc_management_port": str(grpc_management),
+                     **properties_overrides}  # fmt: skip
+        self.properties = shipped_properties()
+        for key, value in self.properties.items():  # paths are relative to the repo root
+            if not os.path.isabs(value) and os.path.isfile(os.path.join(REPO, value)):
+                self.properties[key] = os.path.join(REPO, value)
+        self.properties.update(overrides)
+        properties = os.path.join(workdir, "config.properties")
+        with open(properties, "w") as f:
+            f.writelines(f"{key}={value}\n" for key, value in self.properties.items())
+        env = {**os.environ, "LOG_LOCATION": self.log_dir, "METRICS_LOCATION": self.log_dir,
+               "TMPDIR": tmp, "TEMP": tmp, **extra_env}  # fmt: skip
+        env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
+        command = [
+            os.path.join(BIN, "torchserve"), "--start", "--foreground", "--ncs",
+            "--model-store", model_store,
+            "--ts-config", properties,
+            "--disable-token-auth", "--enable-model-api",
+        ]  # fmt: skip
+        with open(os.path.join(self.log_dir, "torchserve.out"), "w") as out:
+            self.process = subprocess.Popen(
+                command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: frontend and workers
+            )  # fmt: skip
+
+    def wait_until(self, what: str, ready: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.process.returncode}; see {self.log_dir}")
+            if ready():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"{what} not ready after {timeout:.0f} s; see {self.log_dir}")
+
+    def describe(self, model: str) -> Dict[str, Any]:
+        status, body = http("GET", f"{self.management}/models/{model}")
+        return json.loads(body)[0] if status == 200 else {}
+
+    def register(self, model: str) -> None:
+        """Register ``model``.mar with one worker and no batching parameters: its YAML's apply."""
+        query = f"url={model}.mar&model_name={model}&initial_workers=1&synchronous=false"
+        status, body = http("POST", f"{self.management}/models?{query}")
+        if status not in (200, 202):
+            raise RuntimeError(f"registering {model}: {status} {body.decode(errors='replace')}")
+
+    def wait_for_model(self, model: str, timeout: float) -> None:
+        self.wait_until(
+            f"model {model}",
+            lambda: any(w["status"] == "READY" for w in self.describe(model).get("workers", [])),
+            timeout,
+        )
+
+    def log_tail(self, lines: int = 15) -> str:
+        tails = []
+        for name in ("ts_log.log", "model_log.log"):
+            try:
+                with open(os.path.join(self.log_dir, name), errors="replace") as f:
+                    tails.append(f"--- {name}\n" + "".join(line[:300] for line in f.readlines()[-lines:]))
+            except OSError:
+                pass
+        return "\n".join(tails)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by this server's processes (frontend and workers)."""
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.process.pid:  # process group
+                total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total / CLOCK_TICKS
+
+    def handler_calls(self, model: str) -> int:
+        """Handler calls so far for ``model``: the worker logs one PredictionTime per call."""
+        try:
+            with open(os.path.join(self.log_dir, "model_metrics.log")) as f:
+                return sum(1 for line in f if "PredictionTime" in line and f"ModelName:{model}," in line)
+        except FileNotFoundError:
+            return 0
+
+    def stop(self) -> None:
+        """Stop this server only: its process group."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        for _ in range(60):
+            self.process.poll()  # reap the launcher: a zombie keeps the group alive
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+# --- load -----------------------------------------------------------------------------------
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have been busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
+def wrk(url: str, connections: int, seconds: float, lua: str, body_file: str, content_type: str) -> Dict[str, Any]:
+    """One wrk run: ``connections`` keep-alive connections for ``seconds``; its summary."""
+    env = {**os.environ, "BENCH_BODY": body_file, "BENCH_CONTENT_TYPE": content_type}
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "60s", "-s", lua, url]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 120)
+    match = re.search(r"^BENCH_JSON (.*)$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or not match:
+        raise RuntimeError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return json.loads(match.group(1))
+
+
+def measure(server: TorchServe, model: str, connections: int, args: argparse.Namespace,
+            lua: str, body_file: str) -> Dict[str, Any]:  # fmt: skip
+    """Warm up, then measure ``model`` at ``connections``: req/s, latencies, batch, load."""
+    url = f"{server.inference}/predictions/{model}"
+    if args.warmup > 0:
+        wrk(url, connections, args.warmup, lua, body_file, args.content_type)
+    calls, server_cpu, busy = server.handler_calls(model), server.cpu_seconds(), machine_busy_seconds()
+    wrk_cpu = os.times().children_user + os.times().children_system
+    r = wrk(url, connections, args.duration, lua, body_file, args.content_type)
+    seconds = r["duration_us"] / 1e6
+    wrk_cpu = os.times().children_user + os.times().children_system - wrk_cpu
+    own = server.cpu_seconds() - server_cpu + wrk_cpu
+    other = max(0.0, machine_busy_seconds() - busy - own)
+    errors = sum(r["errors"].values())
+    if errors:
+        raise RuntimeError(f"{model} at {connections} connections: errors {r['errors']} (see {server.log_dir})")
+    time.sleep(1.0)  # the last metrics reach model_metrics.log
+    calls = server.handler_calls(model) - calls
+    return {
+        "model": model,
+        "connections": connections,
+        "rps": r["requests"] / seconds,
+        "p50_ms": r["p50_us"] / 1e3,
+        "p99_ms": r["p99_us"] / 1e3,
+        "mean_ms": r["mean_us"] / 1e3,
+        "requests": r["requests"],
+        "batch": r["requests"] / calls if calls else float("nan"),
+        "server_cores": (own - wrk_cpu) / seconds,
+        "other_cores": other / seconds,
+    }
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def best_rounds(runs: List[Dict[str, Any]], args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Per (model, connections) the round with the highest req/s; ratio to the no-op's
+    req/s and p99 of the same round."""
+    table = []
+    for connections in args.connections:
+        for model in args.models:
+            cell = [r for r in runs if r["model"] == model and r["connections"] == connections]
+            best = dict(max(cell, key=lambda r: r["rps"]))
+            noop = next((r for r in runs if r["model"] == "noop" and r["connections"] == connections
+                         and r["round"] == best["round"]), None)  # fmt: skip
+            best["ratio"] = best["rps"] / noop["rps"] if noop else float("nan")
+            best["p99_ratio"] = best["p99_ms"] / noop["p99_ms"] if noop else float("nan")
+            table.append(best)
+    return table
+
+
+def markdown(table: List[Dict[str, Any]]) -> str:
+    lines = [
+        "| handler | connections | req/s | p50 ms | p99 ms | ratio to no-op (req/s, p99) | batch | other load (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in table:
+        ratio = "1" if r["model"] == "noop" else f"{r['ratio']:.2f}x, {r['p99_ratio']:.2f}x"
+        lines.append(
+            f"| {r['model']} | {r['connections']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+            f"| {ratio} | {'-' if math.isnan(r['batch']) else format(r['batch'], '.1f')} | {r['other_cores']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(table: List[Dict[str, Any]], title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rps, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model, color in zip(sorted({r["model"] for r in table}, key=MODELS.index), ("tab:gray", "tab:blue")):
+        rows = [r for r in table if r["model"] == model]
+        conns = [r["connections"] for r in rows]
+        ax_rps.plot(conns, [r["rps"] for r in rows], "o-", color=color, label=model)
+        ax_lat.plot(conns, [r["p50_ms"] for r in rows], "o--", color=color, label=f"{model} p50")
+        ax_lat.plot(conns, [r["p99_ms"] for r in rows], "s-", color=color, label=f"{model} p99")
+    for ax, ylabel in ((ax_rps, "requests/s"), (ax_lat, "latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["connections"] for r in table}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("connections")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_lat.set_yscale("log")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown CPU"
+    return f"{os.cpu_count()} cores ({cpu}), {platform.system()}"
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run (default 3)")
+    parser.add_argument("--rounds", type=int, default=2, help="sweeps; each cell shows its best round (default 2)")
+    parser.add_argument("--quick", action="store_true", help="--duration 4 --warmup 2 --rounds 1")
+    parser.add_argument("--max-rows", type=int, default=100_000, help="cap on each table's rows (default 100,000)")
+    parser.add_argument("--full-config", action="store_true", help="serve model_config.json as it is (12 GB, minutes to start)")
+    parser.add_argument("--model-yaml", default=os.path.join(REPO, "model-config.yaml"),
+                        help="per-model YAML for both models (default: the shipped model-config.yaml)")  # fmt: skip
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--content-type", default="application/json")
+    parser.add_argument("--ts-property", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a line of the shipped config.properties, e.g. metrics_mode=log")  # fmt: skip
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of TorchServe and its workers, e.g. OMP_NUM_THREADS=1")  # fmt: skip
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "bench_serve.png"))
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, .mar files)")
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup, args.rounds = 4.0, 2.0, 1
+    args.models = [m for m in MODELS if m in args.models]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit(
+            "bench_serve.py needs wrk (https://github.com/wg/wrk), the HTTP load generator.\n"
+            "Install it: Debian/Ubuntu: sudo apt-get install -y wrk; macOS: brew install wrk."
+        )
+    extra_env = dict(item.split("=", 1) for item in args.server_env)
+    config = served_config(args)
+    rows = sum(config["num_embeddings_per_feature"])
+    workdir = tempfile.mkdtemp(prefix="bench_serve_")
+    body_file, lua = os.path.join(workdir, "body.json"), os.path.join(workdir, "post.lua")
+    body = request_body(config)
+    with open(body_file, "wb") as f:
+        f.write(body)
+    with open(lua, "w") as f:
+        f.write(WRK_LUA)
+
+    print(f"== packaging dlrm ({len(config['num_embeddings_per_feature'])} tables, {rows:,} rows) "
+          f"and noop with {os.path.relpath(args.model_yaml)}", flush=True)  # fmt: skip
+    store = build_mars(workdir, config, args.model_yaml)
+    server = TorchServe(workdir, store, extra_env, dict(item.split("=", 1) for item in args.ts_property))
+    runs: List[Dict[str, Any]] = []
+    start = time.monotonic()
+    try:
+        server.wait_until("TorchServe", lambda: http("GET", f"{server.inference}/ping", timeout=2)[0] == 200, 120)
+        for model in args.models:
+            server.register(model)
+        for model in args.models:
+            server.wait_for_model(model, READY_TIMEOUT_S["full" if args.full_config else "capped"])
+            described = server.describe(model)
+            status, answer = http("POST", f"{server.inference}/predictions/{model}", body, args.content_type)
+            if status != 200:
+                raise RuntimeError(f"{model} answered {status}: {answer.decode(errors='replace')}")
+            print(f"== {model}: ready after {time.monotonic() - start:.0f} s, batchSize "
+                  f"{described.get('batchSize')}, maxBatchDelay {described.get('maxBatchDelay')} ms; "
+                  f"answer {answer.decode(errors='replace')[:80]!r}", flush=True)  # fmt: skip
+        for round_ in range(args.rounds):
+            for connections in args.connections:
+                for model in args.models:
+                    r = measure(server, model, connections, args, lua, body_file)
+                    r["round"] = round_
+                    runs.append(r)
+                    print(f"  round {round_ + 1}/{args.rounds}  {model:4s} {connections:3d} conn: "
+                          f"{r['rps']:7,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+                          f"batch {r['batch']:4.1f}  server {r['server_cores']:.2f} cores  "
+                          f"other {r['other_cores']:.2f} cores", flush=True)  # fmt: skip
+    except (RuntimeError, KeyboardInterrupt) as error:
+        sys.exit(f"{error}\n{server.log_tail()}")
+    finally:
+        server.stop()
+        if args.keep:
+            print(f"work dir kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    table = best_rounds(runs, args)
+    what = "full model_config.json" if args.full_config else f"default architecture, tables capped at {args.max_rows:,} rows"
+    yaml_name = os.path.relpath(args.model_yaml, REPO)
+    title = (f"TorchServe 0.12, one worker per model, {yaml_name} (batchSize {described.get('batchSize')}, "
+             f"maxBatchDelay {described.get('maxBatchDelay')} ms); dlrm: {what}\n"
+             f"one-sample {args.content_type} requests, wrk, {args.duration:g} s per run, best of "
+             f"{args.rounds} round(s); {machine()}")  # fmt: skip
+    print()
+    print(title)
+    print()
+    print(markdown(table))
+    print(f"\nother load: mean {statistics.mean(r['other_cores'] for r in runs):.2f} cores busy outside "
+          f"this benchmark during the runs (max {max(r['other_cores'] for r in runs):.2f})")  # fmt: skip
+    plot(table, title, args.out)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"title": title, "args": vars(args), "runs": runs, "table": table}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
