@@ -25,7 +25,7 @@ from dlrm_handler import TorchRecDLRMHandler, parse_request, to_key_major_kjt
 
 CFG = resolve_model_config(small_model_config(max_samples_per_request=4))
 DENSE = [0.25 * i - 1.5 for i in range(13)]
-REFERENCE = os.path.join(os.path.dirname(REPO), "shared", "reference")
+REFERENCE = os.path.join(REPO, "tests", "data")  # upstream's request files, as they were
 
 
 def one_sample(**overrides: Any) -> Dict[str, Any]:

@@ -34,7 +34,7 @@ E2E_CONFIG = small_model_config(num_embeddings_per_feature=TABLE_SIZES, max_samp
 # Batched and single matmuls differ by a few float32 ulps (1.5e-8 at |score| ~ 0.2);
 # rows of the big table move the score by ~1e-6, so this still tells ids apart.
 SCORE_TOLERANCE = 1e-7
-REFERENCE = os.path.join(os.path.dirname(REPO), "shared", "reference")
+REFERENCE = os.path.join(REPO, "tests", "data")  # upstream's request files, as they were
 
 
 # --- requests and the in-process reference (tests/serving.py, for this model's tables) ---
