@@ -123,17 +123,67 @@ def _first_of_wrong_type(items: List[Any], allowed: Tuple[type, ...]) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def _unique_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: one JSON object as a dict; a key given twice
+    is an InvalidInput error naming it."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        field = key if key in REQUEST_KEYS else f"request body: the key {key[:40]!r}"
+        raise invalid_input(
+            f"{field}: given {sum(k == key for k, _ in pairs)} times in one JSON object; expected "
+            f"each key once (JSON parsers disagree on which copy counts)"
+        )
+    return obj
+
+
+def _refuse_duplicate_keys(body: Union[bytes, bytearray, str]) -> None:
+    """Re-read ``body`` (valid JSON) with ``json.loads``, refusing a key given twice."""
+    try:
+        json.loads(body, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise invalid_input("request body: JSON nested too deeply; expected a JSON object of lists") from None
+    except (ValueError, TypeError) as e:
+        if hasattr(e, "http_status"):
+            raise
+        raise invalid_input(f"request body: not valid JSON ({e})") from None
+
+
+def _more_colons_than(text: Union[bytes, bytearray, str], limit: int) -> bool:
+    """Whether ``text`` holds more than ``limit`` ':'. Large bodies jump from one ':' to the
+    next with ``find`` (memchr): ~20x faster than ``count`` on a 1024-sample request."""
+    colon = ":" if isinstance(text, str) else b":"
+    if len(text) < 4096:
+        return text.count(colon) > limit
+    start = 0
+    for _ in range(limit + 1):
+        start = text.find(colon, start) + 1
+        if start == 0:
+            return False
+    return True
+
+
 def decode_body(body: Any) -> Any:
     """The request as a JSON value: bytes/bytearray/str are parsed, anything else (TorchServe
-    already parsed an ``application/json`` body) is returned as it is."""
+    already parsed an ``application/json`` body) is returned as it is.
+
+    A key given twice in one JSON object is refused (orjson and json silently keep the last
+    copy). orjson cannot report it, so the check is cheap first: each key-value pair of the
+    text holds one ':' outside strings, so a body with no more ':' than its top-level object
+    has keys (every valid request: 3) holds no duplicate and no nested object. Only other
+    bodies are read a second time, by ``json.loads`` with a hook that refuses duplicates."""
     if isinstance(body, (bytes, bytearray, str)):
         try:
-            return _json_loads(body)
+            value = _json_loads(body)
         except (ValueError, TypeError, RecursionError) as e:  # JSONDecodeError is a ValueError
             raise invalid_input(
                 f"request body: not valid JSON ({e}); expected a JSON object with the keys "
                 f"{', '.join(REQUEST_KEYS)}"
             ) from None
+        if _more_colons_than(body, len(value) if isinstance(value, dict) else 0):
+            _refuse_duplicate_keys(body)
+        return value
     return body
 
 
@@ -193,7 +243,11 @@ def _parse_int_list(raw: Any, field: str, count: int, what: str) -> torch.Tensor
         raise invalid_input(f"{field}: got {len(raw)} items; expected {what}")
     if not set(map(type, raw)) <= {int}:
         i = _first_of_wrong_type(raw, (int,))
-        raise invalid_input(f"{field}[{i}]: got {_describe(raw[i])}; expected a JSON integer")
+        beyond = isinstance(raw[i], float) and abs(raw[i]) >= 2**63  # orjson reads ints >= 2^64 as floats
+        raise invalid_input(
+            f"{field}[{i}]: got {_describe(raw[i])}; expected a JSON integer"
+            f"{' within int64' if beyond else ''}"
+        )
     try:
         return torch.tensor(raw, dtype=torch.int64)
     except (OverflowError, RuntimeError, ValueError):  # an integer beyond int64

@@ -1,0 +1,290 @@
+"""``parse_request`` under any input (SPEC §4), by hypothesis: whatever the body - any JSON
+value, its JSON text, any string or byte string - the answer is either a valid sample batch,
+consistent with the config, or the InvalidInput ``ValueError`` (400, or 413 for too many
+samples) whose message starts with the field it is about. Never another exception.
+
+Deterministic and bounded for CI: ``derandomize=True`` (the same examples every run), no
+example database, ``deadline=None`` (a shared CI machine is slow now and then).
+
+Symbols: B samples, N = 13 dense features, F = 3 sparse features (tables of 10, 20 and 5
+rows: small, so that drawn ids often fall inside them), L ids.
+"""
+
+import json
+import math
+import random
+import re
+from typing import Any, Dict, Iterator, Optional
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import small_model_config
+from dlrm_factory import resolve_model_config
+from dlrm_handler import REQUEST_KEYS, parse_request
+
+TABLE_SIZES = [10, 20, 5]
+N, F = 13, len(TABLE_SIZES)
+MAX_SAMPLES = 4
+CONFIGS = {
+    policy: resolve_model_config(
+        small_model_config(num_embeddings_per_feature=TABLE_SIZES, max_samples_per_request=MAX_SAMPLES, id_overflow=policy)
+    )
+    for policy in ("error", "hash")
+}
+# What an error message starts with: a request key or "request body", then an optional
+# index ([i] or [b][i]), then ":".
+FIELD = re.compile(r"^(?:" + "|".join(map(re.escape, REQUEST_KEYS + ("request body",))) + r")(?:\[\d+\]){0,2}: ")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+PROPERTY_SETTINGS = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """parse_request's tensors are tiny: on a busy 2-core machine, torch's intra-op threads
+    only wait for each other (10x slower). One thread for this module, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- strategies ---------------------------------------------------------------------------
+
+# Any JSON value (what json.loads / orjson.loads can return), NaN and infinities included
+# (json.loads reads NaN and Infinity), integers well beyond int64.
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(),
+    st.text(max_size=8),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=6),
+        st.dictionaries(st.one_of(st.sampled_from(REQUEST_KEYS), st.text(max_size=6)), children, max_size=5),
+    ),
+    max_leaves=40,
+)
+# Numbers at the edges: beyond float32, beyond int64, tiny, negative.
+dense_numbers = st.one_of(
+    st.floats(width=32),
+    st.sampled_from([3.5e38, -1e39, 1e-46, -0.0, 2**63, 2**64, -(2**63) - 1, 10**30]),
+)
+
+
+@st.composite
+def near_valid_requests(draw: st.DrawFn, junk: bool = True) -> Dict[str, Any]:
+    """A request of 1 to MAX_SAMPLES + 1 samples, ids up to one past their table's end.
+    With ``junk``, it is valid or close to it: each part may be replaced (about 1 in 4) by
+    any JSON value, or one element by any JSON scalar; a key may be missing or extra."""
+    num_samples = draw(st.integers(min_value=1, max_value=MAX_SAMPLES + 1))
+    one_sample = num_samples == 1 and draw(st.booleans())
+    # The valid parts from a drawn seed (a few draws instead of hundreds: fast to generate);
+    # the faults below are drawn, so hypothesis varies and shrinks those.
+    rng = random.Random(draw(st.integers(min_value=0, max_value=2**32 - 1)))
+    rows = [[rng.uniform(-10, 10) if rng.random() < 0.8 else rng.randint(-10, 10) for _ in range(N)]
+            for _ in range(num_samples)]  # fmt: skip
+    lengths = [rng.randint(0, 3) for _ in range(num_samples * F)]
+    ids = [rng.randint(0, TABLE_SIZES[cell % F]) for cell, n in enumerate(lengths) for _ in range(n)]  # 0 .. size
+    request = {
+        "float_features": rows[0] if one_sample else rows,
+        "id_list_features.lengths": lengths,
+        "id_list_features.values": ids,
+    }
+    if not junk:
+        return request
+    if draw(st.integers(0, 3)) == 0:  # one bad element somewhere
+        target = draw(st.sampled_from([rows[0], lengths] + ([ids] if ids else [])))
+        target[draw(st.integers(0, len(target) - 1))] = draw(st.one_of(json_scalars, dense_numbers))
+    for key in REQUEST_KEYS:
+        if draw(st.integers(0, 5)) == 0:
+            request[key] = draw(json_values)
+    if draw(st.integers(0, 7)) == 0:
+        del request[draw(st.sampled_from(REQUEST_KEYS))]
+    if draw(st.integers(0, 3)) == 0:
+        request[draw(st.text(max_size=4))] = draw(json_values)
+    return request
+
+
+def encode(value: Any) -> Optional[bytes]:
+    """``value`` as JSON text, or None when JSON cannot hold it (NaN, infinities)."""
+    try:
+        return json.dumps(value, allow_nan=False).encode()
+    except ValueError:
+        return None
+
+
+# --- the property -------------------------------------------------------------------------
+
+
+def check(body: Any, cfg: Dict[str, Any]) -> Optional[tuple]:
+    """``parse_request(body, cfg)``: a batch consistent with ``cfg`` (returned), or the
+    InvalidInput ValueError (None). Any other exception fails the test."""
+    try:
+        dense, lengths, values, one_sample = parse_request(body, cfg)
+    except ValueError as error:
+        status = getattr(error, "http_status", None)
+        assert status in (400, 413), f"{error!r} carries http_status {status}"
+        assert FIELD.match(str(error)), f"message does not start with a field: {error}"
+        assert "expected" in str(error)
+        if status == 413:
+            assert str(error).startswith("float_features: ")
+        return None
+    num_samples = dense.shape[0]
+    assert 1 <= num_samples <= cfg["max_samples_per_request"]
+    assert dense.shape == (num_samples, N) and dense.dtype == torch.float32
+    assert bool(torch.isfinite(dense).all()) and float(dense.abs().max()) <= FLOAT32_MAX
+    assert lengths.shape == (num_samples, F) and lengths.dtype == torch.int64
+    assert bool((lengths >= 0).all())
+    assert values.dtype == torch.int64 and values.shape == (int(lengths.sum()),)
+    feature = torch.arange(num_samples * F).repeat_interleave(lengths.reshape(-1)) % F
+    assert bool((values >= 0).all()) and bool((values < torch.tensor(TABLE_SIZES)[feature]).all())
+    assert one_sample is False or num_samples == 1
+    return dense, lengths, values, one_sample
+
+
+@PROPERTY_SETTINGS
+@given(value=json_values, policy=st.sampled_from(list(CONFIGS)))
+def test_any_json_value_is_a_batch_or_invalid_input(value: Any, policy: str) -> None:
+    check(value, CONFIGS[policy])
+
+
+@PROPERTY_SETTINGS
+@given(request=near_valid_requests(), policy=st.sampled_from(list(CONFIGS)))
+def test_near_valid_request_parsed_or_as_json_text_gets_the_same_answer(request: Dict[str, Any], policy: str) -> None:
+    """The dict TorchServe hands over for application/json and the raw body the shipped
+    config.properties hands over (decode_input_request=false) give the same batch, or both
+    an InvalidInput error. (A request holding NaN or an infinity has no JSON text: skipped.)"""
+    cfg = CONFIGS[policy]
+    parsed = check(request, cfg)
+    text = encode(request)
+    if text is None:
+        return
+    from_text = check(text, cfg)
+    assert (parsed is None) == (from_text is None), (request, parsed, from_text)
+    if parsed is not None:
+        for a, b in zip(parsed[:3], from_text[:3]):
+            assert torch.equal(a, b)
+        assert parsed[3] == from_text[3]
+
+
+def test_near_valid_strategy_reaches_valid_batches_and_every_field_error() -> None:
+    """The strategy is not vacuous: its fixed draw holds valid batches, 413s and an error for
+    each field."""
+    outcomes = set()
+
+    @PROPERTY_SETTINGS
+    @given(request=near_valid_requests())
+    def collect(request: Dict[str, Any]) -> None:
+        try:
+            parse_request(request, CONFIGS["error"])
+            outcomes.add("valid")
+        except ValueError as error:
+            outcomes.add(413 if error.http_status == 413 else re.match(r"[^\[:]+", str(error)).group())
+
+    collect()
+    assert {"valid", 413, *REQUEST_KEYS} <= outcomes, outcomes
+
+
+@PROPERTY_SETTINGS
+@given(policy=st.sampled_from(list(CONFIGS)), body=st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=200),
+    st.builds(lambda r: json.dumps(r), near_valid_requests()),
+    # JSON text with a few bytes spliced in somewhere
+    st.builds(lambda r, at, junk: (lambda t: t[: at % (len(t) + 1)] + junk + t[at % (len(t) + 1):])(json.dumps(r).encode()),
+              near_valid_requests(), st.integers(min_value=0), st.binary(min_size=1, max_size=4)),
+    # a request with one of its keys given twice
+    st.builds(lambda r, key, v: json.dumps(r)[:-1].encode() + f', "{key}": {json.dumps(v)}}}'.encode(),
+              near_valid_requests(), st.sampled_from(REQUEST_KEYS), json_values),
+))  # fmt: skip
+def test_any_bytes_or_text_is_a_batch_or_invalid_input(policy: str, body: Any) -> None:
+    check(body, CONFIGS[policy])
+    if isinstance(body, bytes):
+        check(bytearray(body), CONFIGS[policy])
+
+
+@PROPERTY_SETTINGS
+@given(request=near_valid_requests(junk=False), data=st.data())
+def test_a_key_given_twice_is_refused_naming_the_key(request: Dict[str, Any], data: st.DataObject) -> None:
+    """orjson and json keep the last copy silently; the handler refuses the body, whatever
+    the copies hold and however the key is spelled (JSON escapes)."""
+    key = data.draw(st.sampled_from(REQUEST_KEYS))
+    spelled = data.draw(st.sampled_from([key, key.replace("_", "\\u005f"), key.replace("f", "\\u0066")]))
+    copy = json.dumps(data.draw(st.one_of(json_values, st.just(request[key]))))
+    text = json.dumps(request)
+    at = data.draw(st.sampled_from(["first", "last"]))
+    body = "{" + f'"{spelled}": {copy}, ' + text[1:] if at == "first" else text[:-1] + f', "{spelled}": {copy}}}'
+    if "NaN" in body or "Infinity" in body:
+        return  # not JSON for orjson: refused earlier, as not valid JSON
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}: given 2 times in one JSON object; expected each key once"):
+        parse_request(body.encode(), CONFIGS["error"])
+
+
+@pytest.mark.parametrize("depth", [2_000, 100_000])
+@pytest.mark.parametrize("opening, closing", [("[", "]"), ('{"a":', "}")], ids=["lists", "objects"])
+def test_deep_nesting_is_a_400_not_a_recursion_error(depth: int, opening: str, closing: str) -> None:
+    body = opening * depth + "1" + closing * depth
+    for encoded in (body, body.encode()):
+        with pytest.raises(ValueError, match=r"^request body: ") as error:
+            parse_request(encoded, CONFIGS["error"])
+        assert error.value.http_status == 400
+
+
+def test_deep_nesting_already_parsed_is_a_400() -> None:
+    """TorchServe's own json.loads gives up on such a body (RecursionError) and forwards the
+    bytes; a deep value built in Python is refused without walking it."""
+    value: Any = 1
+    for _ in range(100_000):
+        value = [value]
+    with pytest.raises(ValueError, match=r"^request body: got a list of 1 items"):
+        parse_request(value, CONFIGS["error"])
+    nested = {"float_features": value, "id_list_features.lengths": value, "id_list_features.values": value}
+    with pytest.raises(ValueError, match=r"^float_features\[0\]: got a list of 1 items"):
+        parse_request(nested, CONFIGS["error"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("18446744073709551616", r"values\[0\]: got the float 1.8446744073709552e\+19; expected a JSON integer within int64"),
+    ("9223372036854775808", r"values\[0\]: got 9223372036854775808; expected an integer within int64"),
+    ("-9223372036854775809", r"values\[0\]: got the float -9.223372036854776e\+18; expected a JSON integer within int64"),
+    ("1" + "0" * 30, r"values\[0\]: got the float 1e\+30; expected a JSON integer within int64"),
+    ("1" + "0" * 400, r"request body: not valid JSON \(number is infinity"),
+], ids=["2^64", "2^63", "-2^63-1", "10^30", "10^400"])  # fmt: skip
+def test_ids_beyond_int64_in_json_text_are_400s_naming_the_field(text: str, message: str) -> None:
+    """orjson reads integers beyond 64 bits as floats: the message still says int64."""
+    body = '{"float_features": [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5], '
+    body += f'"id_list_features.lengths": [1, 0, 0], "id_list_features.values": [{text}]}}'
+    with pytest.raises(ValueError, match=message) as error:
+        parse_request(body.encode(), CONFIGS["error"])
+    assert error.value.http_status == 400
+
+
+@pytest.mark.parametrize("number", ["3.4028235e38", "-3.4028235e38", "1e-45"])
+def test_dense_at_the_edges_of_float32_is_accepted(number: str) -> None:
+    body = '{"float_features": [' + ", ".join([number] * N) + '], "id_list_features.lengths": [0, 0, 0], '
+    body += '"id_list_features.values": []}'
+    dense = parse_request(body.encode(), CONFIGS["error"])[0]
+    assert math.isfinite(float(dense[0, 0])) and float(dense[0, 0]) == float(torch.tensor(float(number)).float())
+
+
+@pytest.mark.parametrize("number", ["3.5e38", "-1e39", "1e308"])
+def test_dense_beyond_float32_is_a_400_naming_the_field(number: str) -> None:
+    body = '{"float_features": [0.5, ' + ", ".join([number] * (N - 1)) + '], "id_list_features.lengths": [0, 0, 0], '
+    body += '"id_list_features.values": []}'
+    with pytest.raises(ValueError, match=r"^float_features\[1\]: got the float .*; expected a finite number within float32"):
+        parse_request(body.encode(), CONFIGS["error"])
