@@ -36,9 +36,10 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import time
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -329,6 +330,94 @@ def parse_request(body: Any, cfg: Dict[str, Any]) -> ParsedRequest:
 
 
 # ---------------------------------------------------------------------------------------
+# The fast path: a plainly valid request checked whole lists at a time, in C builtins.
+# ---------------------------------------------------------------------------------------
+
+# One request after parsing, as lists for the batch's tensors: (dense [B*N] numbers,
+# lengths [B*F] ints sample-major, values [L] ids (mod their table's size under
+# ``id_overflow: hash``), B, one_sample).
+ParsedLists = Tuple[List[Any], List[int], List[int], int, bool]
+
+
+def parse_plain_request(request: Any, cfg: Dict[str, Any]) -> Optional[ParsedLists]:
+    """``request`` (a parsed JSON value) as lists when it is plainly valid, else None.
+
+    Gives what ``parse_request`` gives for the requests it accepts, with no tensor op and no
+    Python loop per number or id: each check runs over a whole list inside a C builtin
+    (``set(map(type, ...))``, ``min``, ``max``, ``all(map(operator.lt, ...))``). A one-sample
+    request takes ~10 us here against ~180 us in ``parse_request`` (~20 small tensor ops).
+    It never rejects: None hands the request to ``parse_request``, which decides and words
+    the error. So it accepts only what ``parse_request`` accepts (tests/test_fast_parse.py
+    checks that they agree): exactly the three keys; B <= max_samples_per_request lists of
+    N numbers (int or float), finite and within +-FLOAT32_MAX (finite in float32 too);
+    B x F non-negative int lengths summing to the number of ids; int ids in [0, table size)
+    (``error``) or in [0, INT64_MAX] (``hash``, then taken mod the table size)."""
+    if type(request) is not dict or len(request) != len(REQUEST_KEYS):
+        return None
+    raw_dense, lengths, ids = (request.get(key) for key in REQUEST_KEYS)
+    if type(raw_dense) is not list or not raw_dense or type(lengths) is not list or type(ids) is not list:
+        return None
+    num_dense, sizes = cfg["dense_in_features"], cfg["num_embeddings_per_feature"]
+    one_sample = type(raw_dense[0]) is not list
+    if one_sample:
+        num_samples, dense = 1, raw_dense
+        if len(dense) != num_dense:
+            return None
+    else:
+        num_samples = len(raw_dense)
+        if num_samples > cfg["max_samples_per_request"] or set(map(type, raw_dense)) != {list}:
+            return None
+        if set(map(len, raw_dense)) != {num_dense}:
+            return None
+        dense = list(itertools.chain.from_iterable(raw_dense))
+    if not set(map(type, dense)) <= {int, float} or not set(map(type, lengths)) <= {int}:
+        return None
+    if not set(map(type, ids)) <= {int} or len(lengths) != num_samples * len(sizes):
+        return None
+    try:
+        if not all(map(math.isfinite, dense)) or max(map(abs, dense)) > FLOAT32_MAX:
+            return None
+    except OverflowError:  # an integer beyond float64
+        return None
+    if min(lengths) < 0 or sum(lengths) != len(ids):
+        return None
+    if ids:
+        if min(ids) < 0:
+            return None
+        per_id_size = list(itertools.chain.from_iterable(map(itertools.repeat, sizes * num_samples, lengths)))
+        if cfg["id_overflow"] == "hash":
+            if max(ids) > INT64_MAX:
+                return None
+            ids = list(map(operator.mod, ids, per_id_size))
+        elif not all(map(operator.lt, ids, per_id_size)):
+            return None
+    return dense, lengths, ids, num_samples, one_sample
+
+
+def parse_request_lists(body: Any, cfg: Dict[str, Any]) -> ParsedLists:
+    """``parse_request`` for a batch: one request as lists (see ``ParsedLists``), by the fast
+    path when it is plainly valid, else by ``parse_request`` (which raises its error)."""
+    request = decode_body(body)
+    plain = parse_plain_request(request, cfg)
+    if plain is not None:
+        return plain
+    dense, lengths, values, one_sample = parse_request(request, cfg)
+    return dense.reshape(-1).tolist(), lengths.reshape(-1).tolist(), values.tolist(), dense.shape[0], one_sample
+
+
+def stack_requests(parsed: List[ParsedLists], cfg: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The parsed requests of a batch, in order -> (dense Tensor[B, N] float32, lengths
+    Tensor[B, F] int64 sample-major, values Tensor[L] int64): three tensors for the batch.
+    Dense numbers go through float64 as in ``parse_request``: the same float32 values."""
+    chain = itertools.chain.from_iterable
+    dense = torch.tensor(list(chain(p[0] for p in parsed)), dtype=torch.float64).float()
+    lengths = torch.tensor(list(chain(p[1] for p in parsed)), dtype=torch.int64)
+    values = torch.tensor(list(chain(p[2] for p in parsed)), dtype=torch.int64)
+    num_features = len(cfg["id_list_features_keys"])
+    return dense.view(-1, cfg["dense_in_features"]), lengths.view(-1, num_features), values
+
+
+# ---------------------------------------------------------------------------------------
 # A batch of parsed requests -> the model's inputs.
 # ---------------------------------------------------------------------------------------
 
@@ -488,9 +577,10 @@ class TorchRecDLRMHandler(BaseHandler):
     def preprocess(self, data: List[Any]) -> Tuple[torch.Tensor, KeyedJaggedTensor, RequestPlan]:
         """The requests of one dynamic batch -> (dense Tensor[B, N], one KJT, the plan).
 
-        Every request is parsed alone (``parse_request``); a bad one joins the plan as its
-        error and adds no samples. The good ones are stacked sample-major (B = all their
-        samples), then the ids are turned key-major. One request of B = 2 samples, F = 3::
+        Every request is parsed alone (``parse_request_lists``: the fast path, or
+        ``parse_request``); a bad one joins the plan as its error and adds no samples. The
+        good ones are stacked sample-major into one tensor each (B = all their samples),
+        then the ids are turned key-major. One request of B = 2 samples, F = 3::
 
             {"float_features": [[0.5, ...], [1.5, ...]],      # B lists of N numbers
              "id_list_features.lengths": [1, 0, 2,  2, 1, 1],  # B x F, sample-major
@@ -521,23 +611,16 @@ class TorchRecDLRMHandler(BaseHandler):
                 500,
             )
         plan: RequestPlan = []
-        parsed: List[ParsedRequest] = []
+        parsed: List[ParsedLists] = []
         for row in [data] if v2 else data:
             try:
-                request = parse_request(v2_request(row) if v2 else request_body(row), self.config)
+                request = parse_request_lists(v2_request(row) if v2 else request_body(row), self.config)
             except ValueError as error:
                 plan.append(error)
                 continue
             parsed.append(request)
-            plan.append((request[0].shape[0], request[3]))
-        num_features = len(self.config["id_list_features_keys"])
-        dense = torch.cat(
-            [p[0] for p in parsed] or [torch.empty(0, self.config["dense_in_features"])]
-        )
-        lengths = torch.cat(
-            [p[1] for p in parsed] or [torch.empty(0, num_features, dtype=torch.int64)]
-        )
-        values = torch.cat([p[2] for p in parsed] or [torch.empty(0, dtype=torch.int64)])
+            plan.append((request[3], request[4]))
+        dense, lengths, values = stack_requests(parsed, self.config)
         kjt = to_key_major_kjt(self.config["id_list_features_keys"], lengths, values)
         metrics = self.context.metrics
         invalid = len(plan) - len(parsed)
