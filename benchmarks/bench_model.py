@@ -697,9 +697,6 @@ def busy_cpu_seconds() -> Tuple[float, float]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    for noisy in ("torchrec", "dlrm_factory", "torch.fx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     malloc_note = "glibc malloc defaults"
     if args.malloc == "tuned":
         malloc_note = "malloc tuned (tune_malloc)" if tune_malloc() else "malloc tuning unavailable"
@@ -767,4 +764,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("torchrec", "dlrm_factory", "torch.fx"):  # planner and build chatter
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     sys.exit(main())
