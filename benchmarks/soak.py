@@ -155,8 +155,10 @@ def run(args: argparse.Namespace, url: str, management: Optional[str], cfg: Dict
         allowed = len(failed)
         recovery = kill["ready"] - kill["killed"] if "ready" in kill else float("nan")
         first = min((o.ended for o in ok if "killed" in kill and o.started > kill["killed"]), default=float("nan"))
+        within = max((o.ended - kill["killed"] for o in failed), default=0.0) if "killed" in kill else float("nan")
         print(f"  worker kill -9 after {args.kill_worker_at:,} answers: {len(failed)} requests answered "
-              f"{dict(Counter(o.status for o in failed))} ({failed[0].answer.get('message') if failed else '-'}); "
+              f"{dict(Counter(o.status for o in failed))} ({failed[0].answer.get('message') if failed else '-'}) "
+              f"within {within:.2f} s of the kill; "
               f"new worker READY after {recovery:.1f} s; the first request sent after the kill answered 200 at "
               f"{first - kill.get('killed', first):.1f} s")  # fmt: skip
     return 1 if mismatched or len(outcomes) - len(ok) > allowed or len(outcomes) != len(load) else 0

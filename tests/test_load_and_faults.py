@@ -193,8 +193,10 @@ def test_killed_worker_costs_only_its_batch_and_comes_back_with_identical_answer
 
     first_answer = min(o.ended for o in answered if o.started > killed)  # sent after the kill
     waited = max((o.ended - o.started for o in outcomes if o.started < ready and o.ended > killed), default=0.0)
+    failed_within = max((o.ended - killed for o in failed), default=0.0)
     report(capsys, f"kill -9 of the worker: {len(failed)} in-flight requests answered "
-                   f"{dict(Counter(o.status for o in failed))} ({failed[0].answer.get('message') if failed else '-'}); "
+                   f"{dict(Counter(o.status for o in failed))} ({failed[0].answer.get('message') if failed else '-'}) "
+                   f"within {failed_within:.2f} s of the kill; "
                    f"new worker READY {ready - killed:.1f} s after the kill, the first request sent after the kill "
                    f"answered 200 at {first_answer - killed:.1f} s; "
                    f"{len(outcomes)} requests, {len(answered)} answered 200 with their own scores, the longest "
