@@ -48,7 +48,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config
+from dlrm_factory import DLRMFactory, optimize_for_inference, read_config_source, resolve_model_config
 
 try:  # orjson: faster, and strict (no NaN/Infinity literals); json as the fallback
     import orjson
@@ -570,6 +570,8 @@ class TorchRecDLRMHandler(BaseHandler):
         torch.set_num_threads(threads)  # after the build: filling the tables may use them all
         logger.info("torch intra-op threads for serving: %d", threads)
         self.device = next(self.model.parameters()).device  # the dense layers' device
+        if self.device.type == "cpu":  # one TBE call instead of TorchRec's one-rank dist; same scores
+            self.model = optimize_for_inference(self.model)
         context.metrics.add_counter(INVALID_METRIC, 0)  # on /metrics at 0 before any bad request
         self.initialized = True
 

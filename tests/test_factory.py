@@ -316,3 +316,10 @@ def test_random_weights_do_not_depend_on_chunking_or_shard_boundaries(monkeypatc
     one = DLRMFactory(small_model_config(world_size=1))
     two = DLRMFactory(small_model_config(world_size=2, sharding_type="row_wise"))
     assert torch.equal(score(one, ids), score(two, ids))
+
+
+def test_factory_called_inside_inference_mode_builds_the_same_model(small_config: Dict[str, Any]) -> None:
+    """A notebook or server that wraps everything in torch.inference_mode() still builds."""
+    with torch.inference_mode():
+        model = DLRMFactory(small_config)
+    assert torch.equal(score(model), score(DLRMFactory(small_config)))
