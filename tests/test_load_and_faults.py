@@ -1,7 +1,7 @@
 """Under load and worker faults (SPEC §4): nothing lost, nothing mixed up.
 
 A real TorchServe (the repo's config.properties limits, dynamic batching as packaged:
-batchSize 8, maxBatchDelay 5 ms) serves the small config. Every answer is compared with
+model-config.yaml's batchSize and maxBatchDelay) serves the small config. Every answer is compared with
 the same config built in-process (same seed, same weights): batched and single matmuls
 differ by a few float32 ulps (1.5e-8 at |score| ~ 0.15), so scores must agree within
 SCORE_TOLERANCE - tight enough that no two of the requests sent could pass for each other.
@@ -31,6 +31,7 @@ from typing import Iterator, List
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, SMALL_TABLE_SIZES, small_model_config
 from dlrm_factory import DLRMFactory
@@ -45,7 +46,8 @@ LIMITS = {k: v for k, v in read_properties(os.path.join(REPO, "config.properties
 SCORE_TOLERANCE = 1e-7
 CONNECTIONS = 16
 LOAD_REQUESTS = 384
-BATCH_SIZE = 8  # model-config.yaml
+with open(os.path.join(REPO, "model-config.yaml")) as f:
+    BATCH_SIZE = yaml.safe_load(f)["batchSize"]  # as packaged
 FAULT_RESPONSE_TIMEOUT_S = 30  # TorchServe's per-batch timeout for the fault model
 CLIENT_TIMEOUT_S = FAULT_RESPONSE_TIMEOUT_S + 30  # every call ends: an answer or this
 
@@ -68,7 +70,7 @@ def torchserve(workdir: str, mar_file: str) -> Iterator[TorchServe]:
     server = TorchServe(workdir, os.path.dirname(mar_file), properties=LIMITS)
     try:
         server.wait_for_ping()
-        server.register("dlrm", "dlrm.mar")  # the .mar's YAML: batchSize 8, maxBatchDelay 5 ms
+        server.register("dlrm", "dlrm.mar")  # the .mar's YAML: model-config.yaml's batching
         server.register("dlrm_fault", "dlrm.mar", response_timeout=FAULT_RESPONSE_TIMEOUT_S)
         yield server
     finally:

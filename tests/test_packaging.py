@@ -59,7 +59,9 @@ def test_mar_holds_handler_factory_config_and_yaml_and_nothing_else(default_mar:
     }
     with open(os.path.join(REPO, "model_config.json")) as f:
         assert packaged == json.load(f)
-    assert "batchSize: 8" in yaml_text and "startupTimeout: 600" in yaml_text
+    with open(os.path.join(REPO, "model-config.yaml")) as f:
+        assert yaml_text == f.read()  # the shipped batching, timeouts and workers
+    assert "startupTimeout: 600" in yaml_text
 
 
 def test_invalid_config_fails_before_packaging_with_the_factorys_message(tmp_path: Any) -> None:

@@ -5,9 +5,9 @@ The served config is the small one plus a 4th table of 2^24 + 10 rows (int8, D =
 row, 336 MB), so that ids float32 cannot tell apart (2^24 and 2^24 + 1) reach their rows.
 Same config and seed give bit-identical weights, so ``direct_model`` is the served model.
 
-Two registrations of the same .mar: ``dlrm`` with the .mar's own batching (batchSize 8,
-maxBatchDelay 5 ms) and ``dlrm_batched`` (batch_size 8, max_batch_delay 2 s), on which
-concurrent requests really gather into batches of 8.
+Two registrations of the same .mar: ``dlrm`` with the .mar's own batching
+(model-config.yaml: batchSize 32, maxBatchDelay 1 ms) and ``dlrm_batched`` (batch_size 8,
+max_batch_delay 2 s), on which concurrent requests really gather into batches of 8.
 
 Symbols: B samples, N = 13 dense features, F = 4 sparse features.
 """
@@ -71,7 +71,7 @@ def torchserve(workdir: str, mar_file: str) -> Iterator[TorchServe]:
     server = TorchServe(workdir, os.path.dirname(mar_file))
     try:
         server.wait_for_ping()
-        server.register("dlrm", "dlrm.mar")  # the .mar's YAML: batchSize 8, maxBatchDelay 5 ms
+        server.register("dlrm", "dlrm.mar")  # the .mar's YAML: batchSize 32, maxBatchDelay 1 ms
         server.register("dlrm_batched", "dlrm.mar", batch_size=8, max_batch_delay=2000)
         yield server
     finally:
