@@ -290,7 +290,7 @@ def test_each_request_of_a_batch_gets_its_own_answer_and_a_bad_one_its_own_4xx(
         {"data": one_sample(**{"id_list_features.values": [999, 1999, 4999]})},
     ]
     context = stand_in_context(model_dir, len(batch))
-    answers = handler.handle(batch, context)
+    answers = [json.loads(answer) for answer in handler.handle(batch, context)]  # JSON bodies
 
     statuses = [context.get_response_status(i)[0] for i in range(len(batch))]
     assert statuses == [200, 200, 400, 413, 200]
@@ -315,7 +315,7 @@ def test_batch_of_only_bad_requests_is_answered_without_calling_the_model(
     handler: TorchRecDLRMHandler, model_dir: str
 ) -> None:
     context = stand_in_context(model_dir, 2)
-    answers = handler.handle([{"body": b""}, {"body": {}}], context)
+    answers = [json.loads(answer) for answer in handler.handle([{"body": b""}, {"body": {}}], context)]
     assert [a["code"] for a in answers] == [400, 400]
     assert answers[1]["message"].startswith("float_features: missing")
 

@@ -201,7 +201,7 @@ def plain_answer(handler: TorchRecDLRMHandler, body: Dict[str, Any]) -> Dict[str
     context = stand_in_context(handler.context.system_properties["model_dir"], 1)
     (answer,) = handler.handle([{"body": json.dumps(body).encode()}], context)
     assert context.get_response_status(0)[0] == 200, answer
-    return answer
+    return json.loads(answer)  # the body's JSON bytes
 
 
 def enveloped(handler: TorchRecDLRMHandler, *bodies: Dict[str, Any]) -> List[Dict[str, Any]]:

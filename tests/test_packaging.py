@@ -97,7 +97,8 @@ def test_checkpoint_is_packaged_and_served_by_the_handler(tmp_path: Any) -> None
     handler.initialize(stand_in_context(str(unpacked), 0))
     assert handler.config["checkpoint"] == str(unpacked / "checkpoint.pt")
     requests: List[Dict[str, Any]] = [one_sample(), two_samples()]
-    answers = handler.handle([{"body": r} for r in requests], stand_in_context(str(unpacked), 2))
+    context = stand_in_context(str(unpacked), 2)
+    answers = [json.loads(a) for a in handler.handle([{"body": r} for r in requests], context)]  # JSON bodies
     direct = DLRMFactory(small_model_config(checkpoint=str(checkpoint)))
     assert answers[0]["score"] == pytest.approx(direct_scores(direct, requests[0])[0], rel=0, abs=1e-7)
     assert answers[1]["score"] == pytest.approx(direct_scores(direct, requests[1]), rel=0, abs=1e-7)
