@@ -23,11 +23,12 @@ sizes (so every id is valid: every answer must be a 200), sent as ``application/
 models are measured back to back (noop, then dlrm), each ``--warmup`` s unmeasured and
 then ``--duration`` s measured; ``--rounds`` repeats the whole sweep and the table shows
 each cell's best round (highest req/s, with that round's latencies): other work on a shared
-machine only ever slows a run down. The ratio column is req/s over the no-op's in the same
-round. "batch" is requests per handler call (TorchServe's dynamic batching at work), from
-the PredictionTime metric the worker logs per call: only with ``metrics_mode=log`` (under
-``prometheus`` TorchServe keeps just the last value; "-"). "other load" is the CPU the rest
-of the machine used meanwhile (cores busy outside this TorchServe and wrk), from /proc.
+machine only ever slows a run down. The ratio column is the row's req/s and p99 over the
+no-op row's at the same connections. "batch" is requests per handler call (TorchServe's dynamic batching at work), from
+the PredictionTime metric the worker emits per call, as TorchServe logs it. "other load" is
+the CPU the rest of the machine used meanwhile (cores busy outside this TorchServe and wrk),
+from /proc; "server" in the progress lines is this TorchServe's own CPU (frontend and
+workers).
 
 Why wrk: a closed loop of exactly N keep-alive connections (each sends its next request when
 the previous answer arrives: bounded concurrency, no queue build-up in the client), written
@@ -57,6 +58,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,6 +200,9 @@ class TorchServe:
     def __init__(self, workdir: str, model_store: str, extra_env: Dict[str, str],
                  properties_overrides: Dict[str, str]) -> None:  # fmt: skip
         self.log_dir = os.path.join(workdir, "logs")
+        self._log_offsets: Dict[str, int] = {}  # handler_calls' place in each log
+        self._metric_lines: set = set()
+        self._calls: Counter = Counter()
         tmp = os.path.join(workdir, "tmp")
         os.makedirs(self.log_dir)
         os.makedirs(tmp)
@@ -288,12 +293,25 @@ class TorchServe:
         return total / CLOCK_TICKS
 
     def handler_calls(self, model: str) -> int:
-        """Handler calls so far for ``model``: the worker logs one PredictionTime per call."""
-        try:
-            with open(os.path.join(self.log_dir, "model_metrics.log")) as f:
-                return sum(1 for line in f if "PredictionTime" in line and f"ModelName:{model}," in line)
-        except FileNotFoundError:
-            return 0
+        """Handler calls so far for ``model``: the worker emits one PredictionTime metric per
+        call. TorchServe writes it to model_metrics.log (metrics_mode=log) or, under
+        prometheus, logs it (twice) in ts_log.log: distinct lines are counted (each names its
+        batch's request ids). Files are read on from where the last call stopped."""
+        for name in ("model_metrics.log", "ts_log.log"):
+            path = os.path.join(self.log_dir, name)
+            try:
+                with open(path, errors="replace") as f:
+                    f.seek(self._log_offsets.get(path, 0))
+                    for line in f:
+                        at = line.find("PredictionTime")
+                        if at >= 0 and line[at:] not in self._metric_lines:
+                            self._metric_lines.add(line[at:])
+                            found = re.search(r"ModelName:([^,|]+)", line)
+                            self._calls[found.group(1) if found else "?"] += 1
+                    self._log_offsets[path] = f.tell()
+            except FileNotFoundError:
+                pass
+        return self._calls[model]
 
     def stop(self) -> None:
         """Stop this server only: its process group."""
@@ -367,19 +385,21 @@ def measure(server: TorchServe, model: str, connections: int, args: argparse.Nam
 # --- report ---------------------------------------------------------------------------------
 
 
-def best_rounds(runs: List[Dict[str, Any]], args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """Per (model, connections) the round with the highest req/s; ratio to the no-op's
-    req/s and p99 of the same round."""
+def best_rounds(runs: List[Dict[str, Any]], connections: List[int], models: List[str]) -> List[Dict[str, Any]]:
+    """Per (model, connections) the round with the highest req/s, and its req/s and p99 over
+    the no-op's row (its best round) at the same connections: the ratios of the table."""
     table = []
-    for connections in args.connections:
-        for model in args.models:
-            cell = [r for r in runs if r["model"] == model and r["connections"] == connections]
-            best = dict(max(cell, key=lambda r: r["rps"]))
-            noop = next((r for r in runs if r["model"] == "noop" and r["connections"] == connections
-                         and r["round"] == best["round"]), None)  # fmt: skip
-            best["ratio"] = best["rps"] / noop["rps"] if noop else float("nan")
-            best["p99_ratio"] = best["p99_ms"] / noop["p99_ms"] if noop else float("nan")
-            table.append(best)
+    for conns in connections:
+        best = {}
+        for model in models:
+            cell = [r for r in runs if r["model"] == model and r["connections"] == conns]
+            best[model] = dict(max(cell, key=lambda r: r["rps"]))
+        noop = best.get("noop")
+        for model in models:
+            row = best[model]
+            row["ratio"] = row["rps"] / noop["rps"] if noop else float("nan")
+            row["p99_ratio"] = row["p99_ms"] / noop["p99_ms"] if noop else float("nan")
+            table.append(row)
     return table
 
 
@@ -440,10 +460,10 @@ def machine() -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per run (default 10)")
-    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each run (default 3)")
-    parser.add_argument("--rounds", type=int, default=2, help="sweeps; each cell shows its best round (default 2)")
-    parser.add_argument("--quick", action="store_true", help="--duration 4 --warmup 2 --rounds 1")
+    parser.add_argument("--duration", type=float, help="measured seconds per run (default 10)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 3)")
+    parser.add_argument("--rounds", type=int, help="sweeps; each cell shows its best round (default 2)")
+    parser.add_argument("--quick", action="store_true", help="defaults --duration 4 --warmup 2 --rounds 1")
     parser.add_argument("--max-rows", type=int, default=100_000, help="cap on each table's rows (default 100,000)")
     parser.add_argument("--full-config", action="store_true", help="serve model_config.json as it is (12 GB, minutes to start)")
     parser.add_argument("--model-yaml", default=os.path.join(REPO, "model-config.yaml"),
@@ -457,8 +477,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "bench_serve.png"))
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, .mar files)")
     args = parser.parse_args()
-    if args.quick:
-        args.duration, args.warmup, args.rounds = 4.0, 2.0, 1
+    defaults = {"duration": 4.0, "warmup": 2.0, "rounds": 1} if args.quick else {"duration": 10.0, "warmup": 3.0, "rounds": 2}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.models = [m for m in MODELS if m in args.models]
     return args
 
@@ -519,7 +541,7 @@ def main() -> None:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    table = best_rounds(runs, args)
+    table = best_rounds(runs, args.connections, args.models)
     what = "full model_config.json" if args.full_config else f"default architecture, tables capped at {args.max_rows:,} rows"
     yaml_name = os.path.relpath(args.model_yaml, REPO)
     title = (f"TorchServe 0.12, one worker per model, {yaml_name} (batchSize {described.get('batchSize')}, "
