@@ -294,10 +294,11 @@ class TorchServe:
 
     def handler_calls(self, model: str) -> int:
         """Handler calls so far for ``model``: the worker emits one PredictionTime metric per
-        call. TorchServe writes it to model_metrics.log (metrics_mode=log) or, under
-        prometheus, logs it (twice) in ts_log.log: distinct lines are counted (each names its
-        batch's request ids). Files are read on from where the last call stopped."""
-        for name in ("model_metrics.log", "ts_log.log"):
+        call, and TorchServe's console log (torchserve.out, which this benchmark writes and
+        TorchServe never rolls over, unlike ts_log.log at 100 MB) shows each, under
+        metrics_mode log or prometheus. Distinct lines are counted (each names its batch's
+        request ids); the file is read on from where the last call stopped."""
+        for name in ("torchserve.out",):
             path = os.path.join(self.log_dir, name)
             try:
                 with open(path, errors="replace") as f:
