@@ -295,16 +295,17 @@ class TorchServe:
     def handler_calls(self, model: str) -> int:
         """Handler calls so far for ``model``: the worker emits one PredictionTime metric per
         call, and TorchServe's console log (torchserve.out, which this benchmark writes and
-        TorchServe never rolls over, unlike ts_log.log at 100 MB) shows each, under
-        metrics_mode log or prometheus. Distinct lines are counted (each names its batch's
-        request ids); the file is read on from where the last call stopped."""
+        TorchServe never rolls over, unlike ts_log.log at 100 MB) echoes each worker line
+        "[METRICS]PredictionTime...", under metrics_mode log or prometheus (log mode adds
+        its own rewritten copy, not counted). Distinct lines are counted (each names its
+        batch's request ids); the file is read on from where the last call stopped."""
         for name in ("torchserve.out",):
             path = os.path.join(self.log_dir, name)
             try:
                 with open(path, errors="replace") as f:
                     f.seek(self._log_offsets.get(path, 0))
                     for line in f:
-                        at = line.find("PredictionTime")
+                        at = line.find("[METRICS]PredictionTime")  # the worker's own line
                         if at >= 0 and line[at:] not in self._metric_lines:
                             self._metric_lines.add(line[at:])
                             found = re.search(r"ModelName:([^,|]+)", line)
