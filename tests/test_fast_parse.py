@@ -16,19 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import small_model_config
-from dlrm_factory import resolve_model_config
 from dlrm_handler import REQUEST_KEYS, parse_plain_request, parse_request, parse_request_lists, stack_requests
+from test_parser_properties import CONFIGS, MAX_SAMPLES, TABLE_SIZES, F, N  # the same small configs
 
-TABLE_SIZES = [10, 20, 5]
-N, F = 13, len(TABLE_SIZES)
-MAX_SAMPLES = 4
-CONFIGS = {
-    policy: resolve_model_config(
-        small_model_config(num_embeddings_per_feature=TABLE_SIZES, max_samples_per_request=MAX_SAMPLES, id_overflow=policy)
-    )
-    for policy in ("error", "hash")
-}
 SETTINGS = settings(
     derandomize=True,
     database=None,
