@@ -85,6 +85,9 @@ SHARDING_TYPES: Dict[str, str] = {
 }
 DEVICES = ("auto", "cuda", "cpu")
 ID_OVERFLOW_POLICIES = ("error", "hash")
+# "dlrm": {"score", "probability"} (SPEC §4); "upstream": {"default": [logit, ...]}, the
+# pytorch/serve example's answer, a list even for one sample.
+RESPONSE_FORMATS = ("dlrm", "upstream")
 TABLE_PREFIX = "t_"
 # Random init and checkpoint quantization walk a table in chunks of this many rows; the
 # random stream of each chunk is keyed by (seed, table, chunk), so the weights do not
@@ -125,6 +128,8 @@ def create_default_model_config() -> Dict[str, Any]:
         "checkpoint": None,
         "id_overflow": "error",
         "max_samples_per_request": 1024,
+        "table_store": None,
+        "response_format": "dlrm",
     }
 
 
@@ -244,6 +249,10 @@ def resolve_model_config(
         _fail("checkpoint", checkpoint, "null or the path of an existing state_dict file")
     _check_choice(cfg, "id_overflow", ID_OVERFLOW_POLICIES)
     _check_positive_int(cfg, "max_samples_per_request")
+    store = cfg["table_store"]
+    if store is not None and not (isinstance(store, str) and store):
+        _fail("table_store", store, "null (no store) or the path of a directory for table store entries")
+    _check_choice(cfg, "response_format", RESPONSE_FORMATS)
 
     dense_out = cfg["dense_arch_layer_sizes"][-1]
     if dense_out != cfg["embedding_dim"]:

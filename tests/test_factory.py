@@ -206,6 +206,9 @@ INVALID_CONFIGS = [
     ({"checkpoint": "/nonexistent/ckpt.pt"}, "checkpoint", "existing state_dict file"),
     ({"id_overflow": "wrap"}, "id_overflow", "'error', 'hash'"),
     ({"max_samples_per_request": 0}, "max_samples_per_request", "integer > 0"),
+    ({"table_store": ""}, "table_store", "path of a directory"),
+    ({"table_store": 3}, "table_store", "null \\(no store\\)"),
+    ({"response_format": "v1"}, "response_format", "'dlrm', 'upstream'"),
 ]
 
 
