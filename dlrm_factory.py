@@ -44,8 +44,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+import fbgemm_gpu
 import numpy as np
 import torch
+import torchrec
 import torch.nn.functional as nnf
 from torch import nn
 from torchrec.distributed import global_settings
@@ -63,6 +65,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
+
+import dlrm_table_store as table_store
 
 logger = logging.getLogger(__name__)
 
@@ -375,7 +379,12 @@ def shard_tables(
 # ---------------------------------------------------------------------------------------
 
 
-def _table_shards(model: nn.Module) -> Iterator[Tuple[str, int, torch.Tensor, Optional[torch.Tensor]]]:
+# A table shard to write: (table name, its first row in the table, rows [R, stored bytes],
+# scale/bias rows [R, 4] or None).
+Shard = Tuple[str, int, torch.Tensor, Optional[torch.Tensor]]
+
+
+def _table_shards(model: nn.Module) -> Iterator[Shard]:
     """Every shard as (table name, first row, quantized rows, scale/bias rows or None).
 
     The tensors are views into the TBE buffers that serve lookups: writing them fills the
@@ -433,8 +442,8 @@ def _progress(total_bytes: int, desc: str) -> tqdm:
     )
 
 
-def fill_random(model: nn.Module, cfg: Dict[str, Any]) -> None:
-    """Seeded init written straight into the quantized shards (no float table ever exists).
+def fill_random(shards: List[Shard], cfg: Dict[str, Any]) -> None:
+    """Seeded init written straight into the quantized ``shards`` (no float table ever exists).
 
     TorchRec initializes a table of R rows uniform on +-sqrt(1/R); each row here is drawn on
     that interval: int8/int4 as uniform codes with one (scale, bias) per row, fp16/fp32 as
@@ -444,7 +453,7 @@ def fill_random(model: nn.Module, cfg: Dict[str, Any]) -> None:
     }
     quant_dtype = cfg["quant_dtype"]
     jobs = []
-    for name, row_offset, weights, scale_bias in _table_shards(model):
+    for name, row_offset, weights, scale_bias in shards:
         i = table_index[name]
         bound = math.sqrt(1.0 / cfg["num_embeddings_per_feature"][i])
         if scale_bias is not None:
@@ -527,34 +536,144 @@ def _quantize_rows(rows: torch.Tensor, quant_dtype: str) -> Tuple[torch.Tensor, 
     return fused[:, :-4], fused[:, -4:]
 
 
-def fill_from_checkpoint(model: nn.Module, cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig]) -> None:
-    """Dense layers copied; tables quantized chunk by chunk into their shards."""
-    state = read_checkpoint(cfg["checkpoint"], _expected_state(cfg, eb_configs))
-    table_key = "sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
+CHECKPOINT_TABLE_KEY = "sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
+
+
+def copy_dense_weights(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """The checkpoint's dense layers (everything but the tables) into ``model``."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in state:
                 param.copy_(state[name])
-        shards = list(_table_shards(model))
-        total = sum(w.shape[0] * w.shape[1] for _, _, w, _ in shards)
-        with _progress(total, "quantizing checkpoint tables") as bar:
-            for name, row_offset, weights, scale_bias in shards:
-                table = state[table_key.format(name)]
-                for _, start, end in _chunks(row_offset, row_offset + weights.shape[0]):
-                    q, sb = _quantize_rows(table[start:end], cfg["quant_dtype"])
-                    local = slice(start - row_offset, end - row_offset)
+
+
+def quantize_checkpoint_tables(shards: List[Shard], state: Dict[str, torch.Tensor], quant_dtype: str) -> None:
+    """The checkpoint's float tables quantized chunk by chunk into ``shards``."""
+    total = sum(w.shape[0] * w.shape[1] for _, _, w, _ in shards)
+    inference_mode = torch.is_inference_mode_enabled()
+    with torch.no_grad(), _progress(total, "quantizing checkpoint tables") as bar:
+        for name, row_offset, weights, scale_bias in shards:
+            table = state[CHECKPOINT_TABLE_KEY.format(name)]
+            for _, start, end in _chunks(row_offset, row_offset + weights.shape[0]):
+                q, sb = _quantize_rows(table[start:end], quant_dtype)
+                local = slice(start - row_offset, end - row_offset)
+                with torch.inference_mode(inference_mode):
                     weights[local].copy_(q)
                     if scale_bias is not None:
                         scale_bias[local].copy_(sb)
-                    bar.update(q.numel())
+                bar.update(q.numel())
+
+
+def write_tables(shards: List[Shard], cfg: Dict[str, Any], state: Optional[Dict[str, torch.Tensor]]) -> None:
+    """The rows of every shard: quantized from the checkpoint's ``state``, or random."""
+    if state is not None:
+        quantize_checkpoint_tables(shards, state, cfg["quant_dtype"])
+    else:
+        fill_random(shards, cfg)
+
+
+def read_checkpoint_of(cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig]) -> Optional[Dict[str, torch.Tensor]]:
+    """The config's checkpoint, checked against its model and memory-mapped, or None."""
+    return read_checkpoint(cfg["checkpoint"], _expected_state(cfg, eb_configs)) if cfg["checkpoint"] else None
 
 
 def fill_tables(model: nn.Module, cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig]) -> None:
-    """Step 7: TorchRec leaves the quantized shards at zero; write real weights."""
+    """Step 7: TorchRec leaves the quantized shards at zero; write real weights (and the
+    checkpoint's dense layers, if there is one)."""
+    state = read_checkpoint_of(cfg, eb_configs)
+    if state is not None:
+        copy_dense_weights(model, state)
+    write_tables(list(_table_shards(model)), cfg, state)
+
+
+# ---------------------------------------------------------------------------------------
+# Steps 6-7 through a table store: the shards are a file's pages, built once.
+# ---------------------------------------------------------------------------------------
+
+
+def _sharded_tbes(model: nn.Module) -> Dict[Any, Any]:
+    """{TBE: its TorchRec grouped config} of every sharded quant EBC in ``model``."""
+    tbes: Dict[Any, Any] = {}
+    for module in model.modules():
+        if isinstance(module, ShardedQuantEmbeddingBagCollection):
+            tbes.update(module.tbes_configs())
+    return tbes
+
+
+def store_key(cfg: Dict[str, Any], plan: ShardingPlan, compute_device: str) -> Dict[str, Any]:
+    """Everything that decides the bytes of a config's tables: a store entry's key.
+
+    Not in it: the dense layers (built from the seed or the checkpoint at every start) and
+    the serving-only keys (id_overflow, max_samples_per_request, response_format,
+    table_store, device beyond what the plan says)."""
     if cfg["checkpoint"]:
-        fill_from_checkpoint(model, cfg, eb_configs)
+        init: Dict[str, Any] = {"checkpoint_sha256": table_store.file_sha256(cfg["checkpoint"])}
     else:
-        fill_random(model, cfg)
+        init = {"seed": cfg["seed"], "fill_chunk_rows": FILL_CHUNK_ROWS, "numpy": np.__version__}
+    shards = {
+        name: [sharding.sharding_type, sharding.compute_kernel, sharding.ranks,
+               [[s.shard_offsets, s.shard_sizes, str(s.placement)] for s in sharding.sharding_spec.shards]]
+        for module_plan in plan.plan.values()
+        for name, sharding in module_plan.items()  # type: ignore[union-attr]
+    }  # fmt: skip
+    return {
+        "tables": [[TABLE_PREFIX + f, rows] for f, rows in zip(cfg["id_list_features_keys"], cfg["num_embeddings_per_feature"])],
+        "embedding_dim": cfg["embedding_dim"],
+        "quant_dtype": cfg["quant_dtype"],
+        "init": init,
+        "plan": shards,
+        "compute_device": compute_device,
+        "versions": {"torch": torch.__version__, "torchrec": torchrec.__version__, "fbgemm_gpu": fbgemm_gpu.__version__},
+    }
+
+
+def tables_from_store(
+    model: nn.Module,
+    plan: ShardingPlan,
+    cfg: Dict[str, Any],
+    eb_configs: List[EmbeddingBagConfig],
+    compute_device: str,
+    world_size: int,
+) -> nn.Module:
+    """Steps 6-7 with ``cfg["table_store"]``: the shards are the store entry's tables.
+
+    The entry is opened if it is there and sound; otherwise it is built first - once, by
+    one process, with the same ``write_tables`` as without a store, into a file instead of
+    ``torch.zeros`` - and published. On the CPU the TBEs take the entry's mapped pages as
+    their weights (nothing allocated, nothing copied: N processes share one copy through the
+    page cache); on CUDA the entry is the host-side source copied to the shards' devices.
+    ``model.table_store_entry`` says which file serves and whether this call built it."""
+    state = read_checkpoint_of(cfg, eb_configs)
+    key = store_key(cfg, plan, compute_device)
+
+    def layouts() -> List[Dict[str, Any]]:
+        """The TBEs' host layouts, from a sharding whose tables are on meta (no memory)."""
+        with table_store.tbe_weights_from("meta") as created:
+            probe = shard_tables(copy.deepcopy(model), plan, cfg["quant_dtype"], compute_device, world_size)
+        grouped = _sharded_tbes(probe)
+        return [
+            table_store.tbe_layout(tbe, [t.local_metadata.shard_offsets[0] for t in grouped[tbe].embedding_tables])
+            for tbe in created
+        ]
+
+    def fill(buffers: List[torch.Tensor], layouts: List[Dict[str, Any]]) -> None:
+        write_tables([s for b, layout in zip(buffers, layouts) for s in table_store.table_shards(b, layout)], cfg, state)
+
+    label = f"{cfg['quant_dtype']}-{len(eb_configs)}t-{compute_device}{world_size}"
+    entry = table_store.open_or_build(cfg["table_store"], label, key, layouts, fill)
+    on_cpu = compute_device == "cpu"
+    with table_store.tbe_weights_from(entry.tensors if on_cpu else "own") as created:
+        model = shard_tables(model, plan, cfg["quant_dtype"], compute_device, world_size)
+    if on_cpu:  # the TBEs address the pages with fbgemm's own offsets: check they agree
+        for tbe, layout in zip(created, entry.layouts):
+            if [t["offset"] for t in layout["tables"]] != list(tbe.weights_physical_offsets):
+                raise table_store.StoreError(f"table store: {entry.path}: table offsets differ from this TorchRec's TBEs")
+    else:
+        table_store.copy_into_tbes(entry, created)
+    if state is not None:
+        copy_dense_weights(model, state)
+    model.table_store_entry = {"path": entry.path, "built": entry.built}
+    return model
 
 
 # ---------------------------------------------------------------------------------------
@@ -699,8 +818,11 @@ class DLRMFactory(type):
         plan = plan_sharding(
             model, eb_configs, cfg["sharding_type"], cfg["quant_dtype"], compute_device, world_size
         )
-        model = shard_tables(model, plan, cfg["quant_dtype"], compute_device, world_size)
-        fill_tables(model, cfg, eb_configs)
+        if cfg["table_store"]:  # steps 6-7: map the store's entry (built once if missing)
+            model = tables_from_store(model, plan, cfg, eb_configs, compute_device, world_size)
+        else:
+            model = shard_tables(model, plan, cfg["quant_dtype"], compute_device, world_size)
+            fill_tables(model, cfg, eb_configs)
         model.plan = plan
         model.config = cfg
         logger.info(

@@ -1,0 +1,473 @@
+"""The table store: a model's quantized embedding tables written once to a file, then
+memory-mapped read-only by every process that serves that model.
+
+One entry = one safetensors file in the store directory, holding the host buffer of every
+fbgemm table-batched embedding (TBE) of a sharded model, in the order TorchRec creates them::
+
+    <store>/<label>-<key[:16]>.safetensors
+        header (JSON, safetensors' own format)  __metadata__: format, key, key_json, layouts, crc32
+        tbe0   uint8[bytes of TBE 0]   the TBE's ``weights_host``, byte for byte: per table
+        tbe1   ...                     rows x (scale/bias + codes), tables 128 B aligned
+
+Why safetensors: a header of JSON and raw bytes, nothing that runs code on load; the library
+maps the file (``safe_open``: MAP_PRIVATE, zero copy) and its simple layout lets an entry be
+written in place (no second 12 GB copy), the header last.
+
+Why it helps: a worker's tables become file-backed pages of the OS page cache instead of
+anonymous memory, so N workers (and a restarted one) share one copy, a new worker maps
+instead of rebuilding, and tables larger than RAM page in on use.
+
+The contract (SPEC §7):
+- ``key``: sha256 of a JSON description of everything that decides the bytes (the caller,
+  ``dlrm_factory.store_key``, says what: tables, dtype, init or checkpoint digest, plan,
+  versions). Same key, same bytes: the file is named after the key and its header repeats it.
+- Published atomically: written as ``.<name>.tmp.<pid>``, flushed, its header (with a CRC-32
+  of every 64 MiB block) written last, fsynced, then renamed. A build that dies (kill -9, disk
+  full: space is reserved up front with ``posix_fallocate``) leaves only a temp file, which
+  the next build removes.
+- Built once: builders hold an exclusive ``flock`` on ``.<name>.lock``; a process that finds
+  the lock taken waits, then maps what the other built.
+- Checked before use: the header must parse (safetensors checks that the offsets cover the
+  file exactly: a truncated file fails), name the expected key, format and tensors, and the
+  blocks must match their CRC-32: all of them for entries up to ``FULL_VERIFY_MAX_BYTES``,
+  else the first and last block of every tensor and ``SAMPLED_BLOCKS`` more (reading 12 GB
+  at every start would cost more than the start itself, and defeat tables larger than RAM).
+  ``python dlrm_table_store.py verify DIR`` checks every block of every entry. A bad entry is
+  removed and rebuilt where the store is writable; in a read-only store it is an error that
+  names the file.
+
+Placing mapped buffers into TorchRec's TBEs needs one patch, in one place:
+``tbe_weights_from`` replaces fbgemm's ``IntNBitTableBatchedEmbeddingBagsCodegen._apply_split``
+(the step that allocates ``torch.zeros`` of the tables) while TorchRec shards, so the TBEs
+take the given buffers (or meta tensors, to learn the layout) and nothing is allocated.
+"""
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import mmap
+import os
+import random
+import struct
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+
+import torch
+from fbgemm_gpu.split_embedding_configs import SparseType
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
+    IntNBitTableBatchedEmbeddingBagsCodegen,
+    nbit_construct_split_state,
+    unpadded_row_size_in_bytes,
+)
+from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "dlrm-table-store/1"  # bump when the layout or what the bytes mean changes
+BLOCK_BYTES = 64 << 20  # CRC-32 granularity
+FULL_VERIFY_MAX_BYTES = 1 << 30  # entries up to this size are checked block by block on open
+SAMPLED_BLOCKS = 8  # larger entries: first and last block of each tensor, and this many more
+DATA_ALIGNMENT = 4096  # the header is padded so the tables start on a page
+CRC_PLACEHOLDER = "00000000"  # same width as a CRC-32 in hex: the header's size is fixed early
+VERIFY_THREADS = 2
+
+# One table shard inside a TBE's host buffer.
+Shard = Tuple[str, int, torch.Tensor, Optional[torch.Tensor]]  # name, first row, rows, scale/bias
+
+
+class Entry(NamedTuple):
+    """A mapped store entry: ``tensors[k]`` is the host buffer of the k-th TBE (read-only
+    mapping, copy-on-write), ``layouts[k]`` describes its tables; ``built``: this process
+    wrote the entry (False: it was there)."""
+
+    path: str
+    tensors: List[torch.Tensor]
+    layouts: List[Dict[str, Any]]
+    built: bool
+
+
+class StoreError(ValueError):
+    """A store problem the user must act on (read-only store without a valid entry, no
+    space); the message names the path and what to do."""
+
+
+# ---------------------------------------------------------------------------------------
+# Layout: where each table's rows sit in a TBE's host buffer (fbgemm's CPU layout).
+# ---------------------------------------------------------------------------------------
+
+
+def tbe_layout(tbe: IntNBitTableBatchedEmbeddingBagsCodegen, row_offsets: List[int]) -> Dict[str, Any]:
+    """The host layout of ``tbe``'s tables, as fbgemm lays out a CPU TBE (rows unpadded,
+    tables aligned to 128 B) whatever the TBE's device: the entry's layout on every device.
+    ``row_offsets``: each table shard's first row in its whole table."""
+    if tbe.reverse_qparam:
+        raise NotImplementedError("TBEs with scale/bias after the row (reverse_qparam) are not supported")
+    host_specs = [(name, rows, dim, ty, EmbeddingLocation.HOST) for name, rows, dim, ty, _ in tbe.embedding_specs]
+    split = nbit_construct_split_state(
+        host_specs,
+        cacheable=True,
+        row_alignment=1,
+        scale_bias_size_in_bytes=tbe.scale_bias_size_in_bytes,
+        cacheline_alignment=True,
+    )
+    tables = []
+    for (name, rows, dim, ty, _), offset, row_offset in zip(tbe.embedding_specs, split.offsets, row_offsets):
+        quantized = ty in (SparseType.INT8, SparseType.INT4, SparseType.INT2)
+        tables.append(
+            {
+                "name": name,
+                "row_offset": row_offset,
+                "rows": rows,
+                "dim": dim,
+                "dtype": ty.value,
+                "row_bytes": unpadded_row_size_in_bytes(dim, ty, tbe.scale_bias_size_in_bytes),
+                "scale_bias_bytes": tbe.scale_bias_size_in_bytes if quantized else 0,
+                "offset": offset,
+            }
+        )
+    return {"bytes": split.host_size, "tables": tables}
+
+
+def table_shards(buffer: torch.Tensor, layout: Dict[str, Any]) -> List[Shard]:
+    """Views of each table of a host buffer: (name, first row, rows [R, values], scale/bias
+    [R, 4] or None) - the same views fbgemm's ``split_embedding_weights`` gives of a CPU TBE."""
+    shards = []
+    for t in layout["tables"]:
+        rows = buffer[t["offset"] : t["offset"] + t["rows"] * t["row_bytes"]].view(t["rows"], t["row_bytes"])
+        sb = t["scale_bias_bytes"]
+        shards.append((t["name"], t["row_offset"], rows[:, sb:], rows[:, :sb]) if sb else (t["name"], t["row_offset"], rows, None))
+    return shards
+
+
+@contextlib.contextmanager
+def tbe_weights_from(
+    weights: Union[List[torch.Tensor], str],
+) -> Iterator[List[IntNBitTableBatchedEmbeddingBagsCodegen]]:
+    """While TorchRec shards inside this block, the TBEs it creates take their weights from
+    ``weights``: a list (the k-th TBE takes ``weights[k]`` as its host weights instead of
+    allocating ``torch.zeros``), ``"meta"`` (meta tensors: no memory, to learn the layout),
+    or ``"own"`` (fbgemm allocates as usual). Yields the TBEs created, in creation order.
+
+    A given buffer must be exactly the TBE's host size: fbgemm's own offsets then address it
+    as they would its own zeros."""
+    created: List[IntNBitTableBatchedEmbeddingBagsCodegen] = []
+    original = IntNBitTableBatchedEmbeddingBagsCodegen._apply_split
+
+    def apply_split(tbe: Any, dev_size: int, host_size: int, uvm_size: int, placements: List[int],
+                    offsets: List[int], enforce_hbm: bool) -> None:  # fmt: skip
+        created.append(tbe)
+        if weights == "own":
+            return original(tbe, dev_size, host_size, uvm_size, placements, offsets, enforce_hbm)
+        tbe.weight_initialized = True
+        tbe.weights_physical_placements = placements
+        tbe.weights_physical_offsets = offsets
+        tbe.host_size, tbe.dev_size, tbe.uvm_size = host_size, dev_size, uvm_size
+        tbe.initialize_logical_weights_placements_and_offsets()
+        if weights == "meta":
+            meta = torch.device("meta")
+            tbe.weights_dev = torch.empty(dev_size, dtype=torch.uint8, device=meta)
+            tbe.weights_host = torch.empty(host_size, dtype=torch.uint8, device=meta)
+            tbe.weights_uvm = torch.empty(uvm_size, dtype=torch.uint8, device=meta)
+            return None
+        k = len(created) - 1
+        given = weights[k].numel() if k < len(weights) else None
+        if dev_size or uvm_size or given != host_size:
+            raise StoreError(
+                f"table store: TorchRec's TBE {k} wants {host_size} host bytes (device {dev_size}, "
+                f"uvm {uvm_size}); the entry gives {given} (it holds {len(weights)} TBEs)"
+            )
+        tbe.weights_host = weights[k]
+        return None
+
+    IntNBitTableBatchedEmbeddingBagsCodegen._apply_split = apply_split
+    try:
+        yield created
+    finally:
+        IntNBitTableBatchedEmbeddingBagsCodegen._apply_split = original
+    if not isinstance(weights, str) and len(created) != len(weights):
+        raise StoreError(f"table store: TorchRec created {len(created)} TBEs; the entry holds {len(weights)}")
+
+
+def copy_into_tbes(entry: Entry, tbes: List[IntNBitTableBatchedEmbeddingBagsCodegen], chunk_rows: int = 1 << 18) -> None:
+    """Copy an entry's tables into TBEs that hold their own weights (CUDA shards: rows padded
+    to 16 B on the device), table by table, ``chunk_rows`` rows at a time."""
+    if len(tbes) != len(entry.tensors):
+        raise StoreError(f"table store: {len(tbes)} TBEs to fill; {entry.path} holds {len(entry.tensors)}")
+    for tbe, buffer, layout in zip(tbes, entry.tensors, entry.layouts):
+        targets = tbe.split_embedding_weights(split_scale_shifts=False)  # [R, padded row] each
+        for (target, _), table in zip(targets, layout["tables"]):
+            width = table["row_bytes"]
+            source = buffer[table["offset"] : table["offset"] + table["rows"] * width].view(table["rows"], width)
+            if target.shape[0] != table["rows"] or target.shape[1] < width:
+                raise StoreError(f"table store: table {table['name']} is {tuple(target.shape)} in the TBE; "
+                                 f"{entry.path} has {table['rows']} x {width}")  # fmt: skip
+            for start in range(0, table["rows"], chunk_rows):
+                target[start : start + chunk_rows, :width].copy_(source[start : start + chunk_rows])
+
+
+# ---------------------------------------------------------------------------------------
+# Files: naming, integrity, opening, building.
+# ---------------------------------------------------------------------------------------
+
+
+def key_digest(key: Dict[str, Any]) -> str:
+    """sha256 of the key's canonical JSON."""
+    return hashlib.sha256(canonical_json(key).encode()).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def entry_path(store_dir: str, label: str, digest: str) -> str:
+    return os.path.join(store_dir, f"{label}-{digest[:16]}.safetensors")
+
+
+def _blocks(length: int) -> List[Tuple[int, int]]:
+    return [(start, min(length, start + BLOCK_BYTES)) for start in range(0, length, BLOCK_BYTES)] or [(0, 0)]
+
+
+def _crc(buffer: torch.Tensor, start: int, end: int) -> str:
+    return f"{zlib.crc32(buffer[start:end].numpy()) & 0xFFFFFFFF:08x}"
+
+
+def _checked_blocks(crcs: Dict[str, List[str]], full: bool) -> List[Tuple[str, int]]:
+    """(tensor, block index) pairs to check: all, or first/last of each and a random sample."""
+    every = [(name, i) for name in sorted(crcs) for i in range(len(crcs[name]))]
+    if full:
+        return every
+    ends = {(name, 0) for name in crcs} | {(name, len(crcs[name]) - 1) for name in crcs}
+    rest = [block for block in every if block not in ends]
+    return sorted(ends) + random.sample(rest, min(SAMPLED_BLOCKS, len(rest)))
+
+
+def verify_blocks(tensors: Dict[str, torch.Tensor], crcs: Dict[str, List[str]], full: bool) -> Optional[str]:
+    """None if the checked blocks match their CRC-32s, else what differs."""
+    sizes = {name: t.numel() for name, t in tensors.items()}
+    checks = _checked_blocks(crcs, full)
+
+    def check(block: Tuple[str, int]) -> Optional[str]:
+        name, i = block
+        start, end = _blocks(sizes[name])[i]
+        found = _crc(tensors[name], start, end)
+        return None if found == crcs[name][i] else f"{name} bytes [{start}, {end}): CRC-32 {found}, header says {crcs[name][i]}"
+
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:  # zlib releases the GIL
+        return next((bad for bad in pool.map(check, checks) if bad), None)
+
+
+def open_entry(path: str, digest: str, full: Optional[bool] = None) -> Entry:
+    """Map the entry at ``path`` and check it (header, key, blocks); raises ``ValueError``
+    saying what is wrong. ``full``: check every block (default: up to FULL_VERIFY_MAX_BYTES)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
+            if metadata.get("key") != digest:
+                raise ValueError(f"key {metadata.get('key')!r}, expected {digest!r} (another config's entry)")
+            layouts = json.loads(metadata["layouts"])
+            crcs = json.loads(metadata["crc32"])
+            names = [f"tbe{k}" for k in range(len(layouts))]
+            if sorted(f.keys()) != sorted(names) or sorted(crcs) != sorted(names):
+                raise ValueError(f"tensors {sorted(f.keys())}, expected {names}")
+            tensors = {name: f.get_tensor(name) for name in names}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors' own errors: truncated, bad header, bad offsets
+        raise ValueError(f"not a readable safetensors file ({type(e).__name__}: {e})") from None
+    for name, layout in zip(names, layouts):
+        if tensors[name].dtype != torch.uint8 or tensors[name].numel() != layout["bytes"]:
+            raise ValueError(f"{name} holds {tensors[name].numel()} {tensors[name].dtype}, its layout says {layout['bytes']} bytes")
+    total = sum(t.numel() for t in tensors.values())
+    full = total <= FULL_VERIFY_MAX_BYTES if full is None else full
+    bad = verify_blocks(tensors, crcs, full)
+    if bad:
+        raise ValueError(f"corrupted: {bad}")
+    return Entry(path, [tensors[name] for name in names], layouts, built=False)
+
+
+def _header(digest: str, key: Dict[str, Any], layouts: List[Dict[str, Any]], crcs: Dict[str, List[str]]) -> bytes:
+    """safetensors header: 8-byte little-endian length, then JSON padded with spaces so the
+    data starts on a DATA_ALIGNMENT boundary (both allowed by the format)."""
+    tensors: Dict[str, Any] = {}
+    start = 0
+    for k, layout in enumerate(layouts):
+        tensors[f"tbe{k}"] = {"dtype": "U8", "shape": [layout["bytes"]], "data_offsets": [start, start + layout["bytes"]]}
+        start += layout["bytes"]
+    metadata = {"format": FORMAT, "key": digest, "key_json": canonical_json(key),
+                "layouts": canonical_json(layouts), "crc32": canonical_json(crcs)}  # fmt: skip
+    text = json.dumps({"__metadata__": metadata, **tensors}, separators=(",", ":")).encode()
+    padded = -(-(8 + len(text)) // DATA_ALIGNMENT) * DATA_ALIGNMENT - 8
+    return struct.pack("<Q", padded) + text.ljust(padded, b" ")
+
+
+def write_entry(path: str, digest: str, key: Dict[str, Any], layouts: List[Dict[str, Any]],
+                fill: Callable[[List[torch.Tensor], List[Dict[str, Any]]], None]) -> None:  # fmt: skip
+    """Write an entry to ``path`` (a temp name: the caller renames it): reserve the space,
+    let ``fill(buffers, layouts)`` write each TBE's host buffer in place, flush, CRC the blocks, write the
+    header last, fsync."""
+    placeholder = {f"tbe{k}": [CRC_PLACEHOLDER] * len(_blocks(l["bytes"])) for k, l in enumerate(layouts)}
+    header_bytes = len(_header(digest, key, layouts, placeholder))
+    total = header_bytes + sum(layout["bytes"] for layout in layouts)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, total)
+        except OSError as e:
+            free = os.statvfs(os.path.dirname(path))
+            raise StoreError(
+                f"table store: cannot reserve {total / 1e9:.2f} GB for {path} ({os.strerror(e.errno)}; "
+                f"{free.f_bavail * free.f_frsize / 1e9:.2f} GB free): free some space or point table_store elsewhere"
+            ) from e
+        with mmap.mmap(fd, total) as mapped:
+            data = torch.frombuffer(mapped, dtype=torch.uint8)
+            buffers, start = [], header_bytes
+            for layout in layouts:
+                buffers.append(data[start : start + layout["bytes"]])
+                start += layout["bytes"]
+            fill(buffers, layouts)
+            mapped.flush()
+            with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+                crcs = {
+                    f"tbe{k}": list(pool.map(lambda block, b=buffer: _crc(b, *block), _blocks(buffer.numel())))
+                    for k, buffer in enumerate(buffers)
+                }
+            del data, buffers  # no view may outlive the mapping
+            header = _header(digest, key, layouts, crcs)
+            if len(header) != header_bytes:
+                raise RuntimeError("table store: header size changed while writing")
+            mapped[:header_bytes] = header
+            mapped.flush()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str, what: str) -> Iterator[None]:
+    """An exclusive flock on ``lock_path`` (released at exit, or when the process dies)."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("table store: another process is building %s; waiting for it", what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _writable(store_dir: str) -> bool:
+    try:
+        os.makedirs(store_dir, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(store_dir, os.W_OK | os.X_OK)
+
+
+def open_or_build(
+    store_dir: str,
+    label: str,
+    key: Dict[str, Any],
+    layouts: Callable[[], List[Dict[str, Any]]],
+    fill: Callable[[List[torch.Tensor], List[Dict[str, Any]]], None],
+) -> Entry:
+    """The store's entry for ``key``, mapped: opened if it is there and sound, else built
+    (once, under the lock; ``layouts()`` says what to allocate, ``fill`` writes the tables)
+    and published atomically. A read-only store without a sound entry raises StoreError."""
+    store_dir = os.path.abspath(store_dir)
+    digest = key_digest(key)
+    path = entry_path(store_dir, label, digest)
+    name = os.path.basename(path)
+    problem = "missing"
+    if os.path.exists(path):
+        try:
+            return open_entry(path, digest)
+        except ValueError as e:
+            problem = str(e)
+    if not _writable(store_dir):
+        raise StoreError(
+            f"table store {store_dir} is read-only and its entry {path} is {problem}: build it where the "
+            f"store is writable (./create_dlrm_mar.sh --table-store DIR ... with this config), or make it writable"
+        )
+    if problem != "missing":
+        logger.warning("table store: %s is %s; rebuilding it", path, problem)
+    with _exclusive(os.path.join(store_dir, f".{name}.lock"), path):
+        if os.path.exists(path):  # built by another process while this one waited, or bad
+            try:
+                return open_entry(path, digest)
+            except ValueError as e:
+                logger.warning("table store: removing %s (%s)", path, e)
+                os.unlink(path)
+        for stale in glob.glob(os.path.join(store_dir, f".{glob.escape(name)}.tmp.*")):
+            logger.warning("table store: removing %s, left by a build that did not finish", stale)
+            os.unlink(stale)
+        temp = os.path.join(store_dir, f".{name}.tmp.{os.getpid()}")
+        started = time.perf_counter()
+        try:
+            write_entry(temp, digest, key, layouts(), fill)
+            os.rename(temp, path)  # atomic: the entry appears complete or not at all
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        _fsync_dir(store_dir)
+        entry = open_entry(path, digest, full=True)
+        logger.info("table store: built %s (%.2f GB) in %.1f s", path, os.path.getsize(path) / 1e9, time.perf_counter() - started)
+        return entry._replace(built=True)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes, e.g. a checkpoint's identity in a key. A ``<path>.sha256``
+    next to it (``sha256sum``'s format: create_dlrm_mar.sh writes one into the .mar) is
+    trusted instead of reading a 45 GB checkpoint at every start."""
+    sidecar = f"{path}.sha256"
+    if os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            recorded = f.read().split()
+        if recorded and len(recorded[0]) == 64:
+            return recorded[0].lower()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_store(store_dir: str) -> int:
+    """Check every block of every entry in ``store_dir``; print one line each; the number of
+    bad entries."""
+    bad = 0
+    for path in sorted(glob.glob(os.path.join(store_dir, "*.safetensors"))):
+        try:
+            with safe_open(path, framework="pt") as f:
+                digest = (f.metadata() or {}).get("key", "")
+            open_entry(path, digest, full=True)
+            print(f"ok       {path}")
+        except ValueError as e:
+            bad += 1
+            print(f"BAD      {path}: {e}")
+    return bad
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "verify":
+        sys.exit("usage: python dlrm_table_store.py verify STORE_DIR")
+    sys.exit(1 if verify_store(sys.argv[2]) else 0)
