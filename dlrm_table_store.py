@@ -43,6 +43,7 @@ take the given buffers (or meta tensors, to learn the layout) and nothing is all
 """
 
 import contextlib
+import ctypes
 import fcntl
 import glob
 import hashlib
@@ -248,19 +249,42 @@ def _checked_blocks(crcs: Dict[str, List[str]], full: bool) -> List[Tuple[str, i
     return sorted(ends) + random.sample(rest, min(SAMPLED_BLOCKS, len(rest)))
 
 
-def verify_blocks(tensors: Dict[str, torch.Tensor], crcs: Dict[str, List[str]], full: bool) -> Optional[str]:
-    """None if the checked blocks match their CRC-32s, else what differs."""
-    sizes = {name: t.numel() for name, t in tensors.items()}
+def verify_blocks(path: str, offsets: Dict[str, Tuple[int, int]], crcs: Dict[str, List[str]], full: bool) -> Optional[str]:
+    """None if the checked blocks of the file match their CRC-32s, else what differs.
+    ``offsets``: each tensor's (first byte, end) in the file. Read with ``pread``, not
+    through the mapping: sequential reads get the kernel's readahead, and the mapping is
+    left to the lookups' random access (``MADV_RANDOM``)."""
     checks = _checked_blocks(crcs, full)
 
     def check(block: Tuple[str, int]) -> Optional[str]:
         name, i = block
-        start, end = _blocks(sizes[name])[i]
-        found = _crc(tensors[name], start, end)
-        return None if found == crcs[name][i] else f"{name} bytes [{start}, {end}): CRC-32 {found}, header says {crcs[name][i]}"
+        first, end = offsets[name]
+        start, stop = _blocks(end - first)[i]
+        with open(path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), stop - start, first + start)
+        found = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+        if len(data) != stop - start or found != crcs[name][i]:
+            return f"{name} bytes [{start}, {stop}): CRC-32 {found}, header says {crcs[name][i]}"
+        return None
 
-    with ThreadPoolExecutor(VERIFY_THREADS) as pool:  # zlib releases the GIL
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:  # reads and zlib release the GIL
         return next((bad for bad in pool.map(check, checks) if bad), None)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_RANDOM = 1
+
+
+def advise_random_access(tensor: torch.Tensor) -> None:
+    """Tell the kernel a mapped table is read at random (``madvise(MADV_RANDOM)``): a page
+    fault then reads that page only, instead of 128 KiB around it (31 pages a lookup does
+    not need, each evicting one it may need, when the tables do not fit in RAM)."""
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    end = tensor.data_ptr() + tensor.numel()
+    if tensor.numel() and _libc.madvise(start, end - start, MADV_RANDOM) != 0:
+        logger.warning("table store: madvise(MADV_RANDOM) failed: %s", os.strerror(ctypes.get_errno()))
 
 
 def open_entry(path: str, digest: str, full: Optional[bool] = None) -> Entry:
@@ -286,11 +310,18 @@ def open_entry(path: str, digest: str, full: Optional[bool] = None) -> Entry:
     for name, layout in zip(names, layouts):
         if tensors[name].dtype != torch.uint8 or tensors[name].numel() != layout["bytes"]:
             raise ValueError(f"{name} holds {tensors[name].numel()} {tensors[name].dtype}, its layout says {layout['bytes']} bytes")
+    with open(path, "rb") as f:  # where each tensor's bytes are (safetensors checked the header)
+        header_size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_size))
+    offsets = {name: (8 + header_size + header[name]["data_offsets"][0], 8 + header_size + header[name]["data_offsets"][1])
+               for name in names}  # fmt: skip
     total = sum(t.numel() for t in tensors.values())
     full = total <= FULL_VERIFY_MAX_BYTES if full is None else full
-    bad = verify_blocks(tensors, crcs, full)
+    bad = verify_blocks(path, offsets, crcs, full)
     if bad:
         raise ValueError(f"corrupted: {bad}")
+    for tensor in tensors.values():
+        advise_random_access(tensor)
     return Entry(path, [tensors[name] for name in names], layouts, built=False)
 
 

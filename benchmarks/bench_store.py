@@ -1,0 +1,338 @@
+"""Table store benchmark, part 1: tables larger than RAM. A Zipf-distributed id workload on
+a model whose table store entry starts out of the page cache and may not fit in memory,
+next to the same workload with the entry resident.
+
+    .venv/bin/python benchmarks/bench_store.py                  # full default (12.1 GB entry), ~5 min
+    .venv/bin/python benchmarks/bench_store.py --memory-limit 4G --seconds 90
+    .venv/bin/python benchmarks/bench_store.py --quick          # small tables, ~1 min
+
+What runs:
+1. The entry of ``--config`` (default model_config.json, on the CPU) in ``--store``, built
+   first if missing (DLRMFactory with ``table_store``).
+2. Twice, in a fresh process each, the same stream of batches (``--batch`` one-hot samples,
+   the served model: ``optimize_for_inference``, 1 torch thread), for ``--seconds``:
+   - ``resident``: the entry read into the page cache first;
+   - ``cold``: the entry's pages dropped from the page cache first
+     (``posix_fadvise(DONTNEED)``), and the process placed in a memory cgroup capped at
+     ``--memory-limit`` (RAM smaller than the entry: the kernel must evict table pages to
+     bring others in). Without a writable memory cgroup the cap is skipped and said so.
+   Every second: samples/s, p99 of the batches' latency, and the entry's resident fraction
+   (``mincore`` of its mapping: pages in the page cache / pages of the file).
+3. A table of the windows and a plot (benchmarks/plots/bench_store.png), then the summary
+   line: after warm-up (``--warmup`` seconds), the cold run's median samples/s over the
+   resident run's, and the largest resident fraction meanwhile.
+
+Ids: for each table of R rows, rank k in 1..R is drawn with probability ~ k^-alpha (alpha =
+1.05 like real click logs; continuous inverse-CDF of the bounded power law), and rank k is
+row (k * m + 12345) mod R with m coprime with R near R/1.618: hot ids scattered over the table as hashed ids are, not
+packed into a few pages. Dense features uniform on [0, 1).
+"""
+
+import argparse
+import ctypes
+import json
+import math
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PLOT = os.path.join(REPO, "benchmarks", "plots", "bench_store.png")
+POSIX_FADV_DONTNEED = 4
+CGROUP_NAME = "dlrm-bench-store"
+
+
+# --- the workload ---------------------------------------------------------------------------
+
+
+def zipf_rows(rng: np.random.Generator, rows: int, count: int, alpha: float) -> np.ndarray:
+    """``count`` row ids of a table of ``rows`` rows: ranks ~ k^-alpha on 1..rows, scattered."""
+    u = rng.random(count)
+    if rows == 1:
+        return np.zeros(count, dtype=np.int64)
+    top = float(rows + 1) ** (1.0 - alpha)
+    ranks = np.floor((1.0 + u * (top - 1.0)) ** (1.0 / (1.0 - alpha))).astype(np.int64)
+    ranks = np.clip(ranks, 1, rows)
+    return (ranks * scatter_multiplier(rows) + 12345) % rows
+
+
+def scatter_multiplier(rows: int) -> int:
+    """A multiplier coprime with ``rows`` near rows/golden ratio (Fibonacci hashing): rank ->
+    rank * m mod rows is a bijection that puts consecutive ranks far apart."""
+    m = max(1, int(rows * 0.6180339887)) | 1
+    while math.gcd(m, rows) != 1:
+        m += 2 if rows % 2 == 0 else 1
+    return m
+
+
+def make_batches(table_rows: List[int], dense_features: int, batch: int, count: int, alpha: float,
+                 seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(dense [count, batch, N] float32, ids [count, F, batch] int64): key-major per batch."""
+    rng = np.random.default_rng(seed)
+    dense = rng.random((count, batch, dense_features), dtype=np.float32)
+    ids = np.stack([zipf_rows(rng, rows, count * batch, alpha).reshape(count, batch) for rows in table_rows], axis=1)
+    return dense, ids
+
+
+# --- residency --------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_libc.posix_fadvise.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+
+
+def resident_fraction(path: str) -> float:
+    """Pages of ``path`` in the page cache / pages of the file: mincore(2) of a fresh private
+    mapping (mapping touches no page)."""
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        anchor = ctypes.c_char.from_buffer(m)
+        try:
+            if _libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+        finally:
+            del anchor
+    return float(np.frombuffer(vec, dtype=np.uint8).astype(bool).sum()) / pages
+
+
+def drop_from_page_cache(path: str) -> None:
+    """Evict the file's clean, unmapped pages (all of them, once no process maps it)."""
+    with open(path, "rb") as f:
+        _libc.posix_fadvise(f.fileno(), 0, 0, POSIX_FADV_DONTNEED)
+
+
+def read_into_page_cache(path: str) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+# --- a memory cgroup for the cold run ----------------------------------------------------------
+
+
+def memory_cgroup(limit_bytes: int) -> Tuple[Optional[str], str]:
+    """A child of this process's memory cgroup capped at ``limit_bytes`` (cgroup v1 or v2):
+    (its cgroup.procs path, what was done) or (None, why not)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.strip().split(":", 2) for line in f]
+    except OSError as e:
+        return None, f"no /proc/self/cgroup ({e})"
+    candidates = []
+    for _, controllers, path in lines:
+        if "memory" in controllers.split(","):
+            candidates.append((os.path.join("/sys/fs/cgroup/memory", path.lstrip("/")), "memory.limit_in_bytes"))
+        if controllers == "":
+            candidates.append((os.path.join("/sys/fs/cgroup", path.lstrip("/")), "memory.max"))
+    errors = []
+    for parent, limit_file in candidates:
+        child = os.path.join(parent, CGROUP_NAME)
+        try:
+            os.makedirs(child, exist_ok=True)
+            with open(os.path.join(child, limit_file), "w") as f:
+                f.write(str(limit_bytes))
+            return os.path.join(child, "cgroup.procs"), f"capped at {limit_bytes / 2**30:.1f} GiB ({child})"
+        except OSError as e:
+            errors.append(f"{child}: {e.strerror}")
+    return None, "no writable memory cgroup (" + "; ".join(errors or ["none found"]) + "): RAM not capped"
+
+
+# --- one run (a child process) -----------------------------------------------------------------
+
+
+def run_workload(args: argparse.Namespace) -> None:
+    """Child process: map the model, run the batches for --seconds, print one JSON per window."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from dlrm_factory import DLRMFactory, optimize_for_inference, resolve_model_config
+
+    torch.set_num_threads(1)
+    config = {**json.loads(args.config_json), "table_store": args.store}
+    started = time.perf_counter()
+    model = optimize_for_inference(DLRMFactory(config))
+    cfg = resolve_model_config(config)
+    path = model.table_store_entry["path"]
+    print(json.dumps({"event": "mapped", "seconds": time.perf_counter() - started, "path": path,
+                      "built": model.table_store_entry["built"], "resident": resident_fraction(path)}), flush=True)  # fmt: skip
+    dense, ids = make_batches(cfg["num_embeddings_per_feature"], cfg["dense_in_features"], args.batch, args.batches, args.alpha)
+    keys = cfg["id_list_features_keys"]
+    lengths = torch.ones(len(keys) * args.batch, dtype=torch.int64)
+    window_start = run_start = time.perf_counter()
+    latencies: List[float] = []
+    samples = 0
+    i = 0
+    with torch.inference_mode():
+        while True:
+            kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(ids[i % args.batches].reshape(-1)), lengths=lengths)
+            t = time.perf_counter()
+            model(torch.from_numpy(dense[i % args.batches]), kjt)
+            now = time.perf_counter()
+            latencies.append(now - t)
+            samples += args.batch
+            i += 1
+            if now - window_start >= 1.0:
+                print(json.dumps({
+                    "event": "window", "t": round(now - run_start, 2), "samples_per_s": samples / (now - window_start),
+                    "p99_ms": float(np.percentile(latencies, 99)) * 1000, "resident": resident_fraction(path),
+                }), flush=True)  # fmt: skip
+                window_start, latencies, samples = now, [], 0
+                if now - run_start >= args.seconds:
+                    break
+
+
+def run_child(args: argparse.Namespace, config: Dict[str, Any], cgroup_procs: Optional[str]) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Run the workload in a fresh process (in the cgroup, if given): (mapped event, windows)."""
+    command = [sys.executable, os.path.abspath(__file__), "_run", "--config-json", json.dumps(config), "--store", args.store,
+               "--seconds", str(args.seconds), "--batch", str(args.batch), "--batches", str(args.batches), "--alpha", str(args.alpha)]  # fmt: skip
+
+    def enter_cgroup() -> None:
+        if cgroup_procs:
+            with open(cgroup_procs, "w") as f:
+                f.write(str(os.getpid()))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, preexec_fn=enter_cgroup, capture_output=True, text=True, env=env, timeout=args.seconds + 900)
+    events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode != 0 or not events:
+        sys.exit(f"workload process failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    return events[0], events[1:]
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def summarize(resident: List[Dict[str, Any]], cold: List[Dict[str, Any]], warmup: float) -> Dict[str, float]:
+    after = lambda windows: [w for w in windows if w["t"] > warmup]  # noqa: E731
+    r, c = after(resident), after(cold)
+    return {
+        "resident_samples_per_s": statistics.median(w["samples_per_s"] for w in r),
+        "cold_samples_per_s": statistics.median(w["samples_per_s"] for w in c),
+        "ratio": statistics.median(w["samples_per_s"] for w in c) / statistics.median(w["samples_per_s"] for w in r),
+        "resident_p99_ms": statistics.median(w["p99_ms"] for w in r),
+        "cold_p99_ms": statistics.median(w["p99_ms"] for w in c),
+        "cold_max_resident": max(w["resident"] for w in c),
+        "first_cold_samples_per_s": cold[0]["samples_per_s"],
+    }
+
+
+def markdown(resident: List[Dict[str, Any]], cold: List[Dict[str, Any]], every: int) -> str:
+    lines = ["| t (s) | resident: samples/s | p99 ms | cold: samples/s | p99 ms | cold: entry resident |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for k, (r, c) in enumerate(zip(resident, cold)):
+        if k % every == 0 or k == len(cold) - 1:
+            lines.append(f"| {c['t']:.0f} | {r['samples_per_s']:,.0f} | {r['p99_ms']:.2f} | {c['samples_per_s']:,.0f} | "
+                         f"{c['p99_ms']:.2f} | {c['resident']:.1%} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(resident: List[Dict[str, Any]], cold: List[Dict[str, Any]], title: str, warmup: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rate, ax_p99) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for windows, label, color in ((resident, "entry resident", "tab:gray"), (cold, "entry cold, RAM capped", "tab:blue")):
+        ax_rate.plot([w["t"] for w in windows], [w["samples_per_s"] for w in windows], "-", color=color, label=label)
+        ax_p99.plot([w["t"] for w in windows], [w["p99_ms"] for w in windows], "-", color=color, label=label)
+    share = ax_rate.twinx()
+    share.plot([w["t"] for w in cold], [100 * w["resident"] for w in cold], ":", color="tab:orange", label="cold: entry resident (%)")
+    share.set_ylim(0, 100)
+    share.set_ylabel("entry resident (%)")
+    for ax, ylabel in ((ax_rate, "samples/s"), (ax_p99, "p99 batch latency (ms)")):
+        ax.axvline(warmup, color="k", alpha=0.2)
+        ax.set_xlabel("seconds")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_rate.set_ylim(bottom=0)
+    ax_p99.set_yscale("log")
+    lines = ax_rate.get_legend_handles_labels()
+    extra = share.get_legend_handles_labels()
+    ax_rate.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8, loc="lower right")
+    ax_p99.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", default="paging", choices=["paging", "_run"])
+    parser.add_argument("--config", default=os.path.join(REPO, "model_config.json"), help="model config JSON (served on the CPU)")
+    parser.add_argument("--store", default=os.path.join(REPO, ".table_store"), help="table store directory")
+    parser.add_argument("--memory-limit", default="4G", help="RAM cap of the cold run (a memory cgroup), e.g. 4G")
+    parser.add_argument("--seconds", type=float, default=120, help="length of each run")
+    parser.add_argument("--warmup", type=float, default=30, help="seconds before the summary's windows")
+    parser.add_argument("--batch", type=int, default=32, help="samples per batch (the served batchSize)")
+    parser.add_argument("--batches", type=int, default=20000, help="distinct batches (cycled)")
+    parser.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the ids")
+    parser.add_argument("--quick", action="store_true", help="small tables, 20 s runs: a smoke test")
+    parser.add_argument("--plot", default=PLOT)
+    parser.add_argument("--config-json", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.mode == "_run":
+        return run_workload(args)
+    from dlrm_factory import read_config_source
+
+    config = read_config_source(args.config)
+    config["device"] = "cpu"
+    if args.quick:
+        config["num_embeddings_per_feature"] = [min(rows, 200_000) for rows in config["num_embeddings_per_feature"]]
+        args.seconds, args.warmup, args.batches, args.memory_limit = 20, 5, 2000, args.memory_limit if "--memory-limit" in sys.argv else "1G"
+    config.pop("table_store", None)
+    limit = parse_size(args.memory_limit)
+
+    print(f"== entry for {args.config}{' (quick: tables capped at 200,000 rows)' if args.quick else ''} in {args.store}", flush=True)
+    mapped, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0, "batches": 1}), config, None)
+    path = mapped["path"]
+    size = os.path.getsize(path)
+    print(f"   {path}: {size / 1e9:.2f} GB ({'built' if mapped['built'] else 'found'} in {mapped['seconds']:.1f} s)", flush=True)
+
+    read_into_page_cache(path)
+    print(f"== resident run: entry {resident_fraction(path):.0%} in the page cache", flush=True)
+    r_mapped, resident = run_child(args, config, None)
+
+    drop_from_page_cache(path)
+    procs, how = memory_cgroup(limit)
+    print(f"== cold run: entry {resident_fraction(path):.0%} in the page cache; RAM {how}", flush=True)
+    c_mapped, cold = run_child(args, config, procs)
+    print(f"   model mapped in {c_mapped['seconds']:.1f} s with the entry cold (resident run: {r_mapped['seconds']:.1f} s)")
+
+    every = max(1, len(cold) // 20)
+    table = markdown(resident, cold, every)
+    summary = summarize(resident, cold, args.warmup)
+    print(table)
+    title = (f"{os.path.basename(path)} ({size / 1e9:.1f} GB), Zipf alpha {args.alpha}, batch {args.batch}, 1 thread; "
+             f"cold run: {how.split(' (')[0]}")  # fmt: skip
+    plot(resident, cold, title, args.warmup, args.plot)
+    print(f"plot: {args.plot}")
+    print(f"after {args.warmup:.0f} s: cold {summary['cold_samples_per_s']:,.0f} samples/s = {summary['ratio']:.2f}x resident "
+          f"({summary['resident_samples_per_s']:,.0f}), p99 {summary['cold_p99_ms']:.2f} ms vs {summary['resident_p99_ms']:.2f} ms, "
+          f"entry resident at most {summary['cold_max_resident']:.1%}; first second cold: {summary['first_cold_samples_per_s']:,.0f} samples/s")  # fmt: skip
+    with open(os.path.splitext(args.plot)[0] + ".json", "w") as f:
+        json.dump({"entry": path, "bytes": size, "memory": how, "summary": summary, "resident": resident, "cold": cold}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
