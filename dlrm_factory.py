@@ -609,7 +609,7 @@ def store_key(cfg: Dict[str, Any], plan: ShardingPlan, compute_device: str) -> D
     if cfg["checkpoint"]:
         init: Dict[str, Any] = {"checkpoint_sha256": table_store.file_sha256(cfg["checkpoint"])}
     else:
-        init = {"seed": cfg["seed"], "fill_chunk_rows": FILL_CHUNK_ROWS, "numpy": np.__version__}
+        init = {"seed": cfg["seed"], "fill_chunk_rows": FILL_CHUNK_ROWS, "numpy": _release(np.__version__)}
     shards = {
         name: [sharding.sharding_type, sharding.compute_kernel, sharding.ranks,
                [[s.shard_offsets, s.shard_sizes, str(s.placement)] for s in sharding.sharding_spec.shards]]
@@ -623,8 +623,16 @@ def store_key(cfg: Dict[str, Any], plan: ShardingPlan, compute_device: str) -> D
         "init": init,
         "plan": shards,
         "compute_device": compute_device,
-        "versions": {"torch": torch.__version__, "torchrec": torchrec.__version__, "fbgemm_gpu": fbgemm_gpu.__version__},
+        # What lays out and fills the bytes: TorchRec (plan, grouping into TBEs), fbgemm (row
+        # layout, quantization), numpy (random init, above). Local build tags (+cpu, +cu128)
+        # are dropped: CPU and CUDA builds of one version lay out the host copy alike.
+        "versions": {"torchrec": _release(torchrec.__version__), "fbgemm_gpu": _release(fbgemm_gpu.__version__)},
     }
+
+
+def _release(version: str) -> str:
+    """'2.13.0+cpu' -> '2.13.0'."""
+    return version.split("+")[0]
 
 
 def tables_from_store(
