@@ -465,6 +465,20 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+STORE_ENV = "DLRM_TABLE_STORE"
+
+
+def default_store_dir() -> Optional[str]:
+    """Where serving keeps its entries when the config names no ``table_store``:
+    ``$DLRM_TABLE_STORE`` ("off": no store), else ``$XDG_CACHE_HOME/dlrm/table_store``
+    (``~/.cache/dlrm/table_store``)."""
+    chosen = os.environ.get(STORE_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "none") else os.path.abspath(os.path.expanduser(chosen))
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "dlrm", "table_store")
+
+
 def file_sha256(path: str) -> str:
     """sha256 of a file's bytes, e.g. a checkpoint's identity in a key. A ``<path>.sha256``
     next to it (``sha256sum``'s format: create_dlrm_mar.sh writes one into the .mar) is

@@ -45,6 +45,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from dlrm_table_store import default_store_dir  # noqa: E402
+
 PLOT = os.path.join(REPO, "benchmarks", "plots", "bench_store.png")
 POSIX_FADV_DONTNEED = 4
 CGROUP_NAME = "dlrm-bench-store"
@@ -276,7 +278,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", nargs="?", default="paging", choices=["paging", "_run"])
     parser.add_argument("--config", default=os.path.join(REPO, "model_config.json"), help="model config JSON (served on the CPU)")
-    parser.add_argument("--store", default=os.path.join(REPO, ".table_store"), help="table store directory")
+    parser.add_argument("--store", default=default_store_dir(),
+                        help="table store directory (default: serving's, $DLRM_TABLE_STORE or ~/.cache/dlrm/table_store)")
     parser.add_argument("--memory-limit", default="4G", help="RAM cap of the cold run (a memory cgroup), e.g. 4G")
     parser.add_argument("--seconds", type=float, default=120, help="length of each run")
     parser.add_argument("--warmup", type=float, default=30, help="seconds before the summary's windows")
