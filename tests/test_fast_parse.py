@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlrm_handler import REQUEST_KEYS, parse_plain_request, parse_request, parse_request_lists, stack_requests
+from dlrm_request import REQUEST_KEYS, parse_plain_request, parse_request, parse_request_lists, stack_requests
 from test_parser_properties import CONFIGS, MAX_SAMPLES, TABLE_SIZES, F, N  # the same small configs
 
 SETTINGS = settings(

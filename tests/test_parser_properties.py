@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from conftest import small_model_config
 from dlrm_factory import resolve_model_config
-from dlrm_handler import REQUEST_KEYS, parse_request
+from dlrm_request import REQUEST_KEYS, parse_request
 
 TABLE_SIZES = [10, 20, 5]
 N, F = 13, len(TABLE_SIZES)
