@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Package the DLRM for TorchServe: DIR/NAME.mar holds dlrm_handler.py, dlrm_factory.py, the
-# config (as model_config.json), the checkpoint if any (as checkpoint.pt) and
-# model-config.yaml. No weights without a checkpoint: the worker builds the model at startup.
+# Package the DLRM for TorchServe: DIR/NAME.mar holds dlrm_handler.py, dlrm_request.py (the
+# request contract the handler imports), dlrm_factory.py, the config (as model_config.json),
+# the checkpoint if any (as checkpoint.pt) and model-config.yaml. No weights without a
+# checkpoint: the worker builds the model at startup.
 #
 # Defaults can be overridden from the environment: CONFIG, CHECKPOINT, EXPORT_PATH,
 # MODEL_NAME, MODEL_YAML (TorchServe's per-model YAML), PYTHON, ARCHIVER.
@@ -65,6 +66,7 @@ with open(staged, "w") as f:
     json.dump(config, f, indent=2)
 print(os.path.abspath(checkpoint) if checkpoint else "")
 ' "$HERE" "$CONFIG" "$CHECKPOINT" "$STAGE/files/model_config.json")"
+cp "$HERE/dlrm_request.py" "$STAGE/files/"  # TorchServe puts the .mar's files on the worker's path
 if [[ -n "$CHECKPOINT" ]]; then
   ln -s "$CHECKPOINT" "$STAGE/files/checkpoint.pt"  # the archiver copies what it points to
 fi

@@ -49,22 +49,19 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [os.path.join(REPO, "scripts"), REPO]
 
 from dlrm_factory import create_default_model_config, read_config_source, resolve_model_config  # noqa: E402
+from torchserve_process import TorchServe, http_request, read_properties  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 MODELS = ("noop", "dlrm")
@@ -153,129 +150,16 @@ def build_mars(workdir: str, config: Dict[str, Any], model_yaml: str) -> str:
 # --- the server -----------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> List[int]:
-    """``count`` distinct free loopback ports (bound at once, then released)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+class BenchServer(TorchServe):
+    """The benchmark's TorchServe (scripts/torchserve_process.py: free loopback ports, its
+    own TMPDIR/TEMP and process group) with what the benchmark reads from it: the CPU its
+    processes use and how many times the handler ran."""
 
-
-def http(method: str, url: str, body: Optional[bytes] = None, content_type: str = "application/json",
-         timeout: float = 30.0) -> Tuple[int, bytes]:  # fmt: skip
-    """(status, body) of one HTTP request; status 0 when nothing answered."""
-    headers = {"Content-Type": content_type} if body is not None else {}
-    request = urllib.request.Request(url, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, OSError):
-        return 0, b""
-
-
-def shipped_properties() -> Dict[str, str]:
-    """The repo's config.properties as a dict (key=value lines; # comments skipped)."""
-    properties = {}
-    with open(os.path.join(REPO, "config.properties")) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, value = line.split("=", 1)
-                properties[key.strip()] = value.strip()
-    return properties
-
-
-class TorchServe:
-    """One TorchServe of this benchmark: the repo's config.properties on free loopback ports,
-    its own logs and TMPDIR/TEMP (two TorchServes sharing them interfere: pid file, worker
-    sockets), its own process group (stopped by it; never ``torchserve --stop``, which stops
-    every TorchServe on the machine)."""
-
-    def __init__(self, workdir: str, model_store: str, extra_env: Dict[str, str],
-                 properties_overrides: Dict[str, str]) -> None:  # fmt: skip
-        self.log_dir = os.path.join(workdir, "logs")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._log_offsets: Dict[str, int] = {}  # handler_calls' place in each log
         self._metric_lines: set = set()
         self._calls: Counter = Counter()
-        tmp = os.path.join(workdir, "tmp")
-        os.makedirs(self.log_dir)
-        os.makedirs(tmp)
-        inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
-        self.inference = f"http://127.0.0.1:{inference}"
-        self.management = f"http://127.0.0.1:{management}"
-        overrides = {"inference_address": self.inference, "management_address": self.management,
-                     "metrics_address": f"http://127.0.0.1:{metrics}",
-                     # TorchServe always starts gRPC too, by default on 7070/7071: a second
-                     # TorchServe on those ports makes one of them exit.
-                     "grpc_inference_address": "127.0.0.1", "grpc_inference_port": str(grpc_inference),
-                     "grpc_management_address": "127.0.0.1", "grpc_management_port": str(grpc_management),
-                     **properties_overrides}  # fmt: skip
-        self.properties = shipped_properties()
-        for key, value in self.properties.items():  # paths are relative to the repo root
-            if not os.path.isabs(value) and os.path.isfile(os.path.join(REPO, value)):
-                self.properties[key] = os.path.join(REPO, value)
-        self.properties.update(overrides)
-        properties = os.path.join(workdir, "config.properties")
-        with open(properties, "w") as f:
-            f.writelines(f"{key}={value}\n" for key, value in self.properties.items())
-        env = {**os.environ, "LOG_LOCATION": self.log_dir, "METRICS_LOCATION": self.log_dir,
-               "TMPDIR": tmp, "TEMP": tmp, **extra_env}  # fmt: skip
-        env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
-        command = [
-            os.path.join(BIN, "torchserve"), "--start", "--foreground", "--ncs",
-            "--model-store", model_store,
-            "--ts-config", properties,
-            "--disable-token-auth", "--enable-model-api",
-        ]  # fmt: skip
-        with open(os.path.join(self.log_dir, "torchserve.out"), "w") as out:
-            self.process = subprocess.Popen(
-                command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: frontend and workers
-            )  # fmt: skip
-
-    def wait_until(self, what: str, ready: Any, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited with {self.process.returncode}; see {self.log_dir}")
-            if ready():
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"{what} not ready after {timeout:.0f} s; see {self.log_dir}")
-
-    def describe(self, model: str) -> Dict[str, Any]:
-        status, body = http("GET", f"{self.management}/models/{model}")
-        return json.loads(body)[0] if status == 200 else {}
-
-    def register(self, model: str) -> None:
-        """Register ``model``.mar with one worker and no batching parameters: its YAML's apply."""
-        query = f"url={model}.mar&model_name={model}&initial_workers=1&synchronous=false"
-        status, body = http("POST", f"{self.management}/models?{query}")
-        if status not in (200, 202):
-            raise RuntimeError(f"registering {model}: {status} {body.decode(errors='replace')}")
-
-    def wait_for_model(self, model: str, timeout: float) -> None:
-        self.wait_until(
-            f"model {model}",
-            lambda: any(w["status"] == "READY" for w in self.describe(model).get("workers", [])),
-            timeout,
-        )
-
-    def log_tail(self, lines: int = 15) -> str:
-        tails = []
-        for name in ("ts_log.log", "model_log.log"):
-            try:
-                with open(os.path.join(self.log_dir, name), errors="replace") as f:
-                    tails.append(f"--- {name}\n" + "".join(line[:300] for line in f.readlines()[-lines:]))
-            except OSError:
-                pass
-        return "\n".join(tails)
 
     def cpu_seconds(self) -> float:
         """CPU seconds used so far by this server's processes (frontend and workers)."""
@@ -315,21 +199,6 @@ class TorchServe:
                 pass
         return self._calls[model]
 
-    def stop(self) -> None:
-        """Stop this server only: its process group."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        for _ in range(60):
-            self.process.poll()  # reap the launcher: a zombie keeps the group alive
-            try:
-                os.killpg(self.process.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.5)
-        else:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
 
 # --- load -----------------------------------------------------------------------------------
 
@@ -352,7 +221,7 @@ def wrk(url: str, connections: int, seconds: float, lua: str, body_file: str, co
     return json.loads(match.group(1))
 
 
-def measure(server: TorchServe, model: str, connections: int, args: argparse.Namespace,
+def measure(server: BenchServer, model: str, connections: int, args: argparse.Namespace,
             lua: str, body_file: str) -> Dict[str, Any]:  # fmt: skip
     """Warm up, then measure ``model`` at ``connections``: req/s, latencies, batch, load."""
     url = f"{server.inference}/predictions/{model}"
@@ -511,17 +380,19 @@ def main() -> None:
     print(f"== packaging dlrm ({len(config['num_embeddings_per_feature'])} tables, {rows:,} rows) "
           f"and noop with {os.path.relpath(args.model_yaml)}", flush=True)  # fmt: skip
     store = build_mars(workdir, config, args.model_yaml)
-    server = TorchServe(workdir, store, extra_env, dict(item.split("=", 1) for item in args.ts_property))
+    properties = read_properties(os.path.join(REPO, "config.properties"), resolve_paths=True)
+    properties.update(item.split("=", 1) for item in args.ts_property)
+    server = BenchServer(workdir, store, properties=properties, env=extra_env)
     runs: List[Dict[str, Any]] = []
     start = time.monotonic()
     try:
-        server.wait_until("TorchServe", lambda: http("GET", f"{server.inference}/ping", timeout=2)[0] == 200, 120)
+        server.wait_for_ping()
         for model in args.models:
             server.register(model)
         for model in args.models:
             server.wait_for_model(model, READY_TIMEOUT_S["full" if args.full_config else "capped"])
             described = server.describe(model)
-            status, answer = http("POST", f"{server.inference}/predictions/{model}", body, args.content_type)
+            status, answer = http_request("POST", f"{server.inference}/predictions/{model}", body, args.content_type)
             if status != 200:
                 raise RuntimeError(f"{model} answered {status}: {answer.decode(errors='replace')}")
             print(f"== {model}: ready after {time.monotonic() - start:.0f} s, batchSize "

@@ -39,14 +39,14 @@ from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
+sys.path[:0] = [os.path.join(REPO, "tests"), os.path.join(REPO, "scripts"), REPO]
 
 import requests  # noqa: E402
 
 from conftest import small_model_config  # noqa: E402
 from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config  # noqa: E402
 from load import Outcome, expected_scores, matches, mixed_requests, send, twins  # noqa: E402
-from serving import TorchServe, build_mar, read_properties  # noqa: E402
+from serving import TorchServe, TorchServeError, build_mar, read_properties  # noqa: E402
 
 REQUEST_SETTINGS = ("max_request_size", "decode_input_request")
 
@@ -171,26 +171,22 @@ def main() -> int:
     if args.url:
         return run(args, f"{args.url.rstrip('/')}/predictions/{args.model}", args.management_url, cfg)
     workdir = tempfile.mkdtemp(prefix="soak_")
-    server = None
     try:
         mar = build_mar(config, workdir, args.model)
         limits = read_properties(os.path.join(REPO, "config.properties"))
-        server = TorchServe(workdir, os.path.dirname(mar), properties={k: limits[k] for k in REQUEST_SETTINGS})
-        server.wait_for_ping()
-        server.register(args.model, f"{args.model}.mar")
-        print(f"waiting for the worker of {args.model} ...", flush=True)
-        server.wait_for_model(args.model)
-        calls_before = server.handler_calls(args.model)
-        status = run(args, f"{server.inference}/predictions/{args.model}", server.management, cfg)
-        time.sleep(2)  # the metrics log trails the answers
-        calls = server.handler_calls(args.model) - calls_before
-        print(f"  batching    {calls:,} handler calls, mean {args.requests / max(calls, 1):.1f} requests per call")
-        return status
+        print(f"starting TorchServe and waiting for the worker of {args.model} ...", flush=True)
+        with TorchServe.serving(workdir, os.path.dirname(mar), models={args.model: {}},
+                                properties={k: limits[k] for k in REQUEST_SETTINGS}) as server:  # fmt: skip
+            calls_before = server.handler_calls(args.model)
+            status = run(args, f"{server.inference}/predictions/{args.model}", server.management, cfg)
+            time.sleep(2)  # the metrics log trails the answers
+            calls = server.handler_calls(args.model) - calls_before
+            print(f"  batching    {calls:,} handler calls, mean {args.requests / max(calls, 1):.1f} requests per call")
+            return status
+    except TorchServeError as error:
+        sys.exit(str(error))
     finally:
-        if server is not None:
-            server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())

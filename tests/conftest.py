@@ -7,8 +7,9 @@ from typing import Any, Dict
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for path in (os.path.join(REPO, "scripts"), REPO):  # scripts/: torchserve_process
+    if path not in sys.path:
+        sys.path.insert(0, path)
 
 from dlrm_factory import create_default_model_config  # noqa: E402
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 from dlrm_factory import resolve_model_config
-from dlrm_handler import parse_plain_request, parse_request
+from dlrm_request import parse_plain_request, parse_request
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import bench_serve  # noqa: E402

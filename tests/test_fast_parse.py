@@ -3,8 +3,9 @@
 ``parse_request`` gives; it takes the common valid requests; a batch parsed through it
 (``parse_request_lists`` + ``stack_requests``) equals the per-request tensors concatenated.
 
+Requests are drawn by request_strategies.py (shared with test_parser_properties.py).
 Symbols: B samples, N = 13 dense features, F = 3 sparse features (tables of 10, 20 and 5
-rows, so that drawn ids often fall outside them), L ids.
+rows, so that drawn ids now and then fall outside them), L ids.
 """
 
 import json
@@ -13,58 +14,13 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dlrm_handler import REQUEST_KEYS, parse_plain_request, parse_request, parse_request_lists, stack_requests
-from test_parser_properties import CONFIGS, MAX_SAMPLES, TABLE_SIZES, F, N  # the same small configs
+from dlrm_request import parse_plain_request, parse_request, parse_request_lists, stack_requests
+from request_strategies import CONFIGS, MAX_SAMPLES, PROPERTY_SETTINGS, F, N, near_valid_requests
 
-SETTINGS = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=1000,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-# Values at the edges of every rule: floats beyond float32, ints beyond int64 and float64,
-# booleans, strings, NaN, infinities, lists where numbers belong.
-edge_values = st.one_of(
-    st.sampled_from([True, False, None, "1", [], [1], {}, 3.5e38, -3.4028235e38, 1e39, 2**63, 2**64,
-                     -(2**63) - 1, 10**400, math.nan, math.inf, -math.inf, -1, 0, 1.0, -0.0]),
-    st.integers(),
-    st.floats(),
-)  # fmt: skip
-
-
-@st.composite
-def requests_near_valid(draw: st.DrawFn) -> Dict[str, Any]:
-    """A request of 1 to MAX_SAMPLES + 1 samples, ids up to one past their table's end; now
-    and then one element, one field or one key replaced, dropped or added."""
-    num_samples = draw(st.integers(1, MAX_SAMPLES + 1))
-    one_sample = num_samples == 1 and draw(st.booleans())
-    numbers = st.one_of(st.floats(-10, 10), st.integers(-10, 10))
-    rows = [draw(st.lists(numbers, min_size=N, max_size=N)) for _ in range(num_samples)]
-    lengths = draw(st.lists(st.integers(0, 3), min_size=num_samples * F, max_size=num_samples * F))
-    ids = [draw(st.integers(0, TABLE_SIZES[cell % F])) for cell, n in enumerate(lengths) for _ in range(n)]
-    request: Dict[str, Any] = {
-        "float_features": rows[0] if one_sample else rows,
-        "id_list_features.lengths": lengths,
-        "id_list_features.values": ids,
-    }
-    if draw(st.integers(0, 2)) == 0:  # one element of one list
-        target = draw(st.sampled_from([rows[0], rows[-1], lengths] + ([ids] if ids else [])))
-        target[draw(st.integers(0, len(target) - 1))] = draw(edge_values)
-    if draw(st.integers(0, 5)) == 0:  # one row of the wrong length or type
-        if not one_sample:
-            rows[draw(st.integers(0, num_samples - 1))] = draw(st.one_of(edge_values, st.lists(numbers, max_size=N + 1)))
-    if draw(st.integers(0, 5)) == 0:  # one field replaced
-        request[draw(st.sampled_from(REQUEST_KEYS))] = draw(st.one_of(edge_values, st.lists(edge_values, max_size=4)))
-    if draw(st.integers(0, 7)) == 0:
-        del request[draw(st.sampled_from(REQUEST_KEYS))]
-    if draw(st.integers(0, 7)) == 0:
-        request[draw(st.text(max_size=3))] = 0
-    return request
+SETTINGS = settings(PROPERTY_SETTINGS, max_examples=1000)
 
 
 def contract(request: Any, cfg: Dict[str, Any]) -> Any:
@@ -76,7 +32,7 @@ def contract(request: Any, cfg: Dict[str, Any]) -> Any:
 
 
 @SETTINGS
-@given(request=requests_near_valid(), policy=st.sampled_from(list(CONFIGS)))
+@given(request=near_valid_requests(), policy=st.sampled_from(list(CONFIGS)))
 def test_fast_path_declines_or_gives_exactly_what_parse_request_gives(request: Dict[str, Any], policy: str) -> None:
     cfg = CONFIGS[policy]
     fast = parse_plain_request(request, cfg)

@@ -1,6 +1,7 @@
-"""The handler without a server (SPEC §4): ``parse_request`` is the request contract as a
-pure function, ``to_key_major_kjt`` the sample-major -> key-major step upstream got wrong,
-and ``TorchRecDLRMHandler`` run on a stand-in TorchServe context.
+"""The handler without a server (SPEC §4): ``dlrm_request.parse_request`` is the request
+contract as a pure function (importable without TorchServe), ``to_key_major_kjt`` the
+sample-major -> key-major step upstream got wrong, and ``TorchRecDLRMHandler`` run on a
+stand-in TorchServe context.
 
 Symbols: B samples, N = 13 dense features, F sparse features (3 tables of 1000, 2000 and
 5000 rows in the small config).
@@ -9,6 +10,9 @@ Symbols: B samples, N = 13 dense features, F sparse features (3 tables of 1000, 
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 from typing import Any, Dict, List
 
 import pytest
@@ -19,9 +23,11 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.utils.util import list_classes_from_module
 
 import dlrm_handler
+import dlrm_request
 from conftest import REPO, small_model_config
 from dlrm_factory import DLRMFactory, resolve_model_config
-from dlrm_handler import TorchRecDLRMHandler, parse_request, to_key_major_kjt
+from dlrm_handler import TorchRecDLRMHandler
+from dlrm_request import parse_request, to_key_major_kjt
 
 CFG = resolve_model_config(small_model_config(max_samples_per_request=4))
 DENSE = [0.25 * i - 1.5 for i in range(13)]
@@ -180,7 +186,7 @@ TEST_CASES = [
 def test_invalid_request_is_a_value_error_naming_the_field(body: Any, status: int, message: str) -> None:
     with pytest.raises(ValueError, match=message) as error:
         parse_request(body, CFG)
-    assert dlrm_handler.error_response(error.value) == (
+    assert dlrm_request.error_response(error.value) == (
         status,
         {"code": status, "type": "InvalidInput", "message": str(error.value)},
     )
@@ -270,6 +276,32 @@ def direct_scores(model: torch.nn.Module, request: Dict[str, Any]) -> List[float
 def test_handler_file_defines_exactly_one_class_for_torchserve() -> None:
     assert list_classes_from_module(dlrm_handler) == [TorchRecDLRMHandler]
     assert not hasattr(dlrm_handler, "handle")  # else TorchServe would take it as the entry point
+
+
+def test_request_contract_imports_and_parses_without_torchserve() -> None:
+    """A notebook or another server uses ``dlrm_request`` with torch and torchrec only: here
+    any import of ``ts`` fails, and the module still imports and parses a request."""
+    script = textwrap.dedent(f"""
+        import sys
+        class NoTorchServe:
+            def find_spec(self, name, path=None, target=None):
+                if name == "ts" or name.startswith("ts."):
+                    raise ImportError("TorchServe is not installed here")
+        sys.meta_path.insert(0, NoTorchServe())
+        sys.path.insert(0, {REPO!r})
+        import dlrm_request
+        cfg = {{"dense_in_features": 13, "max_samples_per_request": 4, "id_overflow": "error",
+               "num_embeddings_per_feature": [1000, 2000, 5000], "id_list_features_keys": ["a", "b", "c"]}}
+        parsed = dlrm_request.parse_request({json.dumps(one_sample())!r}, cfg)
+        print(parsed[2].tolist(), "ts" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "[1, 2, 3] False"
+
+
+def test_request_module_holds_functions_only() -> None:
+    assert list_classes_from_module(dlrm_request) == []
 
 
 def test_handler_builds_the_model_of_the_packaged_config(handler: TorchRecDLRMHandler) -> None:

@@ -13,14 +13,14 @@ Symbols: B samples, N = 13 dense features, F = 3 sparse features (1000, 2000, 50
 import json
 import os
 import types
-from typing import Any, Iterator, List, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 import requests
 
 from conftest import REPO, SMALL_TABLE_SIZES, small_model_config
 from dlrm_factory import DLRMFactory
-from serving import REQUEST_TIMEOUT_S, TorchServe, build_mar, direct_scores, make_request, read_properties
+from serving import REQUEST_TIMEOUT_S, TorchServe, direct_scores, make_request, read_properties, torchserve_fixture
 
 SHIPPED = read_properties(os.path.join(REPO, "config.properties"))
 LIMITS = {k: SHIPPED[k] for k in ("max_request_size", "decode_input_request")}
@@ -32,40 +32,15 @@ SAMPLE = ([0.25 * i - 1.5 for i in range(13)], [[1], [2], [3]])
 VALID = make_request([SAMPLE], one_sample=True)
 
 
-# --- fixtures: mar_file -> torchserve -> dlrm ------------------------------------------------
+# --- the server -------------------------------------------------------------------------------
+
+torchserve = torchserve_fixture(mars={"dlrm": CONFIG}, models={"dlrm": {}}, properties=LIMITS)
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("hostile"))
-
-
-@pytest.fixture(scope="module")
-def mar_file(workdir: str) -> str:
-    return build_mar(CONFIG, workdir, "dlrm")
-
-
-@pytest.fixture(scope="module")
-def torchserve(workdir: str, mar_file: str) -> Iterator[TorchServe]:
-    server = TorchServe(workdir, os.path.dirname(mar_file), properties=LIMITS)
-    try:
-        server.wait_for_ping()
-        server.register("dlrm", "dlrm.mar")
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def dlrm(torchserve: TorchServe) -> TorchServe:
-    torchserve.wait_for_model("dlrm")
-    return torchserve
-
-
-@pytest.fixture(scope="module")
-def worker_pid(dlrm: TorchServe) -> int:
+def worker_pid(torchserve: TorchServe) -> int:
     """The worker's pid before any hostile body: it must be the same after all of them."""
-    return dlrm.workers("dlrm")[0]["pid"]
+    return torchserve.workers("dlrm")[0]["pid"]
 
 
 def post(server: TorchServe, body: Any, content_type: str = "application/json") -> requests.Response:
@@ -177,9 +152,9 @@ def test_corpus_is_at_least_30_distinct_bodies() -> None:
 
 @pytest.mark.parametrize("body, content_type, status, field", [c[1:] for c in CORPUS], ids=[c[0] for c in CORPUS])
 def test_hostile_body_is_answered_4xx_with_a_json_error_naming_the_field(
-    dlrm: TorchServe, worker_pid: int, body: bytes, content_type: str, status: int, field: str
+    torchserve: TorchServe, worker_pid: int, body: bytes, content_type: str, status: int, field: str
 ) -> None:
-    response = post(dlrm, body, content_type)
+    response = post(torchserve, body, content_type)
     assert response.status_code == status, response.text
     answer = response.json()
     assert answer["code"] == status and answer["type"] == "InvalidInput"
@@ -197,29 +172,29 @@ def test_config_properties_caps_the_body_size() -> None:
     assert len(json.dumps(full)) < MAX_REQUEST_SIZE <= 16 * 1024 * 1024
 
 
-def test_body_over_max_request_size_is_a_413_from_torchserve(dlrm: TorchServe, worker_pid: int) -> None:
+def test_body_over_max_request_size_is_a_413_from_torchserve(torchserve: TorchServe, worker_pid: int) -> None:
     """TorchServe 0.12 answers it before any worker sees it: status 413, an empty body."""
-    response = post(dlrm, b" " * MAX_REQUEST_SIZE + b"{}")
+    response = post(torchserve, b" " * MAX_REQUEST_SIZE + b"{}")
     assert response.status_code == 413
     assert response.content == b""
 
 
-def test_body_of_unknown_length_over_max_request_size_is_a_413_too(dlrm: TorchServe, worker_pid: int) -> None:
+def test_body_of_unknown_length_over_max_request_size_is_a_413_too(torchserve: TorchServe, worker_pid: int) -> None:
     """Chunked transfer (no Content-Length): TorchServe counts the bytes as they come."""
     chunks = (b" " * (1 << 20) for _ in range(MAX_REQUEST_SIZE // (1 << 20) + 1))
-    response = post(dlrm, chunks)
+    response = post(torchserve, chunks)
     assert response.status_code == 413
 
 
-def test_body_of_exactly_max_request_size_reaches_the_handler(dlrm: TorchServe, worker_pid: int) -> None:
+def test_body_of_exactly_max_request_size_reaches_the_handler(torchserve: TorchServe, worker_pid: int) -> None:
     """The limit is inclusive: this body is JSON ({} after spaces), so the handler answers."""
-    response = post(dlrm, b" " * (MAX_REQUEST_SIZE - 2) + b"{}")
+    response = post(torchserve, b" " * (MAX_REQUEST_SIZE - 2) + b"{}")
     assert response.status_code == 400
     assert response.json()["message"].startswith("float_features: missing")
 
 
-def test_too_many_samples_is_a_413_naming_the_limit(dlrm: TorchServe, worker_pid: int) -> None:
-    response = post(dlrm, TOO_MANY)
+def test_too_many_samples_is_a_413_naming_the_limit(torchserve: TorchServe, worker_pid: int) -> None:
+    response = post(torchserve, TOO_MANY)
     assert response.status_code == 413
     assert response.json() == {
         "code": 413,
@@ -229,15 +204,15 @@ def test_too_many_samples_is_a_413_naming_the_limit(dlrm: TorchServe, worker_pid
     }
 
 
-def test_valid_body_is_scored_alike_whatever_its_content_type(dlrm: TorchServe, worker_pid: int) -> None:
+def test_valid_body_is_scored_alike_whatever_its_content_type(torchserve: TorchServe, worker_pid: int) -> None:
     expected = direct_scores(DLRMFactory(CONFIG), KEYS, [SAMPLE])[0]
     for content_type in ("application/json", "application/octet-stream", "text/plain", ""):
-        response = post(dlrm, VALID, content_type)
+        response = post(torchserve, VALID, content_type)
         assert response.status_code == 200, (content_type, response.text)
         assert response.json()["score"] == pytest.approx(expected, rel=0, abs=1e-7)
 
 
-def test_worker_survived_every_hostile_body(dlrm: TorchServe, worker_pid: int) -> None:
+def test_worker_survived_every_hostile_body(torchserve: TorchServe, worker_pid: int) -> None:
     """Runs last in this file: the worker that answered the corpus is the one that started."""
-    assert dlrm.workers("dlrm")[0]["pid"] == worker_pid
-    assert post(dlrm, VALID).status_code == 200
+    assert torchserve.workers("dlrm")[0]["pid"] == worker_pid
+    assert post(torchserve, VALID).status_code == 200

@@ -31,7 +31,7 @@ from ts.utils.util import PredictionException
 
 from conftest import REPO, SMALL_TABLE_SIZES, small_model_config
 from dlrm_handler import TorchRecDLRMHandler
-from serving import Sample, TorchServe, make_request, post_json, random_samples, read_properties
+from serving import Sample, TorchServe, make_request, post_json, random_samples, read_properties, served_models
 from test_handler import stand_in_context
 
 KSERVE = os.path.join(REPO, "kserve")
@@ -260,15 +260,9 @@ def torchserve(kserve_tree: str, tmp_path_factory: pytest.TempPathFactory) -> It
     properties = read_properties(os.path.join(kserve_tree, "config", "config.properties"))
     properties = {key: value.replace(MOUNT, kserve_tree) for key, value in properties.items()}
     workdir = str(tmp_path_factory.mktemp("kserve_server"))
-    server = TorchServe(
-        workdir, properties["model_store"], properties, env={"TS_SERVICE_ENVELOPE": "kservev2"}
-    )
-    try:
-        server.wait_for_ping()
-        server.wait_for_model("dlrm")
+    with served_models(workdir, mars={}, models={}, properties=properties, env={"TS_SERVICE_ENVELOPE": "kservev2"},
+                       model_store=properties["model_store"], preloaded=["dlrm"]) as server:  # fmt: skip
         yield server
-    finally:
-        server.stop()
 
 
 def infer(server: TorchServe, body: Any) -> Any:

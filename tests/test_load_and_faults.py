@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from typing import Iterator, List
+from typing import List
 
 import pytest
 import torch
@@ -36,7 +36,7 @@ import yaml
 from conftest import REPO, SMALL_TABLE_SIZES, small_model_config
 from dlrm_factory import DLRMFactory
 from load import Outcome, expected_scores, matches, mixed_requests, send, twins
-from serving import READY_TIMEOUT_S, TorchServe, build_mar, read_properties
+from serving import READY_TIMEOUT_S, TorchServe, read_properties, torchserve_fixture
 
 CONFIG = small_model_config(max_samples_per_request=64)
 KEYS = [f"cat_{f}" for f in range(len(SMALL_TABLE_SIZES))]
@@ -52,41 +52,16 @@ FAULT_RESPONSE_TIMEOUT_S = 30  # TorchServe's per-batch timeout for the fault mo
 CLIENT_TIMEOUT_S = FAULT_RESPONSE_TIMEOUT_S + 30  # every call ends: an answer or this
 
 
-# --- fixtures: mar_file -> torchserve -> dlrm / dlrm_fault ---------------------------------
+# --- the server: dlrm.mar as packaged, and again for the worker kill ----------------------------
 
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("load"))
-
-
-@pytest.fixture(scope="module")
-def mar_file(workdir: str) -> str:
-    return build_mar(CONFIG, workdir, "dlrm")
-
-
-@pytest.fixture(scope="module")
-def torchserve(workdir: str, mar_file: str) -> Iterator[TorchServe]:
-    server = TorchServe(workdir, os.path.dirname(mar_file), properties=LIMITS)
-    try:
-        server.wait_for_ping()
-        server.register("dlrm", "dlrm.mar")  # the .mar's YAML: model-config.yaml's batching
-        server.register("dlrm_fault", "dlrm.mar", response_timeout=FAULT_RESPONSE_TIMEOUT_S)
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def dlrm(torchserve: TorchServe) -> TorchServe:
-    torchserve.wait_for_model("dlrm")
-    return torchserve
-
-
-@pytest.fixture(scope="module")
-def dlrm_fault(torchserve: TorchServe) -> TorchServe:
-    torchserve.wait_for_model("dlrm_fault")
-    return torchserve
+torchserve = torchserve_fixture(
+    mars={"dlrm": CONFIG},
+    models={
+        "dlrm": {},  # the .mar's YAML: model-config.yaml's batching
+        "dlrm_fault": {"mar": "dlrm.mar", "response_timeout": FAULT_RESPONSE_TIMEOUT_S},
+    },
+    properties=LIMITS,
+)
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +92,15 @@ def report(capsys: pytest.CaptureFixture, text: str) -> None:
 
 
 def test_mixed_load_over_16_connections_gets_every_request_exactly_its_own_scores(
-    dlrm: TorchServe, direct_model: torch.nn.Module, capsys: pytest.CaptureFixture
+    torchserve: TorchServe, direct_model: torch.nn.Module, capsys: pytest.CaptureFixture
 ) -> None:
     load = mixed_requests(random.Random(16), LOAD_REQUESTS, SMALL_TABLE_SIZES)
     expected = expected_scores(direct_model, KEYS, load)
     assert twins(expected, 2 * SCORE_TOLERANCE) == 0  # a swapped answer would show
-    calls_before = settled_handler_calls(dlrm, "dlrm")
+    calls_before = settled_handler_calls(torchserve, "dlrm")
     started = time.monotonic()
 
-    outcomes = send(f"{dlrm.inference}/predictions/dlrm", [r.body for r in load], CONNECTIONS, CLIENT_TIMEOUT_S)
+    outcomes = send(f"{torchserve.inference}/predictions/dlrm", [r.body for r in load], CONNECTIONS, CLIENT_TIMEOUT_S)
 
     seconds = time.monotonic() - started
     assert sorted(o.index for o in outcomes) == list(range(LOAD_REQUESTS))  # each sent once
@@ -133,7 +108,7 @@ def test_mixed_load_over_16_connections_gets_every_request_exactly_its_own_score
     assert Counter(o.status for o in outcomes) == {200: LOAD_REQUESTS}
     mixed_up = [o.index for o in outcomes if not matches(o.answer, expected[o.index], load[o.index].one_sample, SCORE_TOLERANCE)]
     assert mixed_up == []
-    calls = settled_handler_calls(dlrm, "dlrm") - calls_before
+    calls = settled_handler_calls(torchserve, "dlrm") - calls_before
     assert calls < LOAD_REQUESTS  # dynamic batching gathered requests
     samples = sum(len(r.samples) for r in load)
     report(capsys, f"load: {LOAD_REQUESTS} requests ({samples} samples; {dict(Counter(r.kind for r in load))}) over "
@@ -145,9 +120,9 @@ def test_mixed_load_over_16_connections_gets_every_request_exactly_its_own_score
 
 
 def test_killed_worker_costs_only_its_batch_and_comes_back_with_identical_answers(
-    dlrm_fault: TorchServe, direct_model: torch.nn.Module, capsys: pytest.CaptureFixture
+    torchserve: TorchServe, direct_model: torch.nn.Module, capsys: pytest.CaptureFixture
 ) -> None:
-    server, model = dlrm_fault, "dlrm_fault"
+    server, model = torchserve, "dlrm_fault"
     url = f"{server.inference}/predictions/{model}"
     load = mixed_requests(random.Random(9), 64, SMALL_TABLE_SIZES)
     expected = expected_scores(direct_model, KEYS, load)
@@ -208,10 +183,10 @@ def test_killed_worker_costs_only_its_batch_and_comes_back_with_identical_answer
 # --- benchmarks/soak.py, briefly, against this server ---------------------------------------
 
 
-def test_soak_script_reports_every_request_answered_and_matched(dlrm: TorchServe) -> None:
+def test_soak_script_reports_every_request_answered_and_matched(torchserve: TorchServe) -> None:
     """The long run's script stays runnable: 60 requests with --url against this server."""
     done = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "soak.py"), "--url", dlrm.inference,
+        [sys.executable, os.path.join(REPO, "benchmarks", "soak.py"), "--url", torchserve.inference,
          "--model", "dlrm", "--requests", "60", "--connections", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
     )  # fmt: skip

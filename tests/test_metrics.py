@@ -8,13 +8,13 @@ that each is its own batch - and GET <metrics_address>/metrics must show it.
 
 import os
 import re
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import requests
 
 from conftest import small_model_config
-from serving import REPO, TorchServe, build_mar, predict, read_properties
+from serving import REPO, TorchServe, predict, read_properties, torchserve_fixture
 
 METRICS = {  # name: Prometheus type (metrics.yaml)
     "DLRMSamplesPerBatch": "gauge",
@@ -51,22 +51,13 @@ def value(samples: Dict[str, Any], name: str) -> float:
     return series
 
 
-@pytest.fixture(scope="module")
-def torchserve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
-    """The repo's config.properties; its metrics_config is relative to the directory
-    torchserve starts in (the repo root, as the README runs it)."""
-    workdir = str(tmp_path_factory.mktemp("metrics"))
-    properties = read_properties(os.path.join(REPO, "config.properties"))
-    properties["metrics_config"] = os.path.join(REPO, properties["metrics_config"])
-    mar = build_mar(small_model_config(), workdir, "dlrm")
-    server = TorchServe(workdir, os.path.dirname(mar), properties)
-    try:
-        server.wait_for_ping()
-        server.register("dlrm", "dlrm.mar")
-        server.wait_for_model("dlrm")
-        yield server
-    finally:
-        server.stop()
+# The repo's config.properties; its metrics_config (relative to the directory torchserve
+# starts in: the repo root, as the README runs it) made absolute.
+torchserve = torchserve_fixture(
+    mars={"dlrm": small_model_config()},
+    models={"dlrm": {}},
+    properties=read_properties(os.path.join(REPO, "config.properties"), resolve_paths=True),
+)
 
 
 @pytest.fixture(scope="module")

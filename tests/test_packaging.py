@@ -1,6 +1,7 @@
-"""create_dlrm_mar.sh (SPEC §5): validates the config first, packages the handler, the
-factory, the config as model_config.json, the checkpoint if any as checkpoint.pt and the
-per-model YAML - and no weights, so the default .mar stays under 1 MiB."""
+"""create_dlrm_mar.sh (SPEC §5): validates the config first, packages the handler (and the
+request contract it imports), the factory, the config as model_config.json, the checkpoint if
+any as checkpoint.pt and the per-model YAML - and no weights, so the default .mar stays
+under 1 MiB."""
 
 import json
 import os
@@ -44,6 +45,7 @@ def test_mar_holds_handler_factory_config_and_yaml_and_nothing_else(default_mar:
             "MAR-INF/MANIFEST.json",
             "dlrm_factory.py",
             "dlrm_handler.py",
+            "dlrm_request.py",
             "model-config.yaml",
             "model_config.json",
         ]

@@ -3,50 +3,29 @@ value, its JSON text, any string or byte string - the answer is either a valid s
 consistent with the config, or the InvalidInput ``ValueError`` (400, or 413 for too many
 samples) whose message starts with the field it is about. Never another exception.
 
-Deterministic and bounded for CI: ``derandomize=True`` (the same examples every run), no
-example database, ``deadline=None`` (a shared CI machine is slow now and then).
+Deterministic and bounded for CI (``PROPERTY_SETTINGS``: the same 300 examples every run).
 
-Symbols: B samples, N = 13 dense features, F = 3 sparse features (tables of 10, 20 and 5
-rows: small, so that drawn ids often fall inside them), L ids.
+Requests are drawn by request_strategies.py (shared with test_fast_parse.py). Symbols: B
+samples, N = 13 dense features, F = 3 sparse features (tables of 10, 20 and 5 rows), L ids.
 """
 
 import json
 import math
-import random
 import re
 from typing import Any, Dict, Iterator, Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import small_model_config
-from dlrm_factory import resolve_model_config
-from dlrm_handler import REQUEST_KEYS, parse_request
+from dlrm_request import REQUEST_KEYS, parse_request
+from request_strategies import CONFIGS, PROPERTY_SETTINGS, TABLE_SIZES, F, N, json_values, near_valid_requests
 
-TABLE_SIZES = [10, 20, 5]
-N, F = 13, len(TABLE_SIZES)
-MAX_SAMPLES = 4
-CONFIGS = {
-    policy: resolve_model_config(
-        small_model_config(num_embeddings_per_feature=TABLE_SIZES, max_samples_per_request=MAX_SAMPLES, id_overflow=policy)
-    )
-    for policy in ("error", "hash")
-}
 # What an error message starts with: a request key or "request body", then an optional
 # index ([i] or [b][i]), then ":".
 FIELD = re.compile(r"^(?:" + "|".join(map(re.escape, REQUEST_KEYS + ("request body",))) + r")(?:\[\d+\]){0,2}: ")
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-PROPERTY_SETTINGS = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=300,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,67 +36,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-# --- strategies ---------------------------------------------------------------------------
-
-# Any JSON value (what json.loads / orjson.loads can return), NaN and infinities included
-# (json.loads reads NaN and Infinity), integers well beyond int64.
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(),
-    st.text(max_size=8),
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: st.one_of(
-        st.lists(children, max_size=6),
-        st.dictionaries(st.one_of(st.sampled_from(REQUEST_KEYS), st.text(max_size=6)), children, max_size=5),
-    ),
-    max_leaves=40,
-)
-# Numbers at the edges: beyond float32, beyond int64, tiny, negative.
-dense_numbers = st.one_of(
-    st.floats(width=32),
-    st.sampled_from([3.5e38, -1e39, 1e-46, -0.0, 2**63, 2**64, -(2**63) - 1, 10**30]),
-)
-
-
-@st.composite
-def near_valid_requests(draw: st.DrawFn, junk: bool = True) -> Dict[str, Any]:
-    """A request of 1 to MAX_SAMPLES + 1 samples, ids up to one past their table's end.
-    With ``junk``, it is valid or close to it: each part may be replaced (about 1 in 4) by
-    any JSON value, or one element by any JSON scalar; a key may be missing or extra."""
-    num_samples = draw(st.integers(min_value=1, max_value=MAX_SAMPLES + 1))
-    one_sample = num_samples == 1 and draw(st.booleans())
-    # The valid parts from a drawn seed (a few draws instead of hundreds: fast to generate);
-    # the faults below are drawn, so hypothesis varies and shrinks those.
-    rng = random.Random(draw(st.integers(min_value=0, max_value=2**32 - 1)))
-    rows = [[rng.uniform(-10, 10) if rng.random() < 0.8 else rng.randint(-10, 10) for _ in range(N)]
-            for _ in range(num_samples)]  # fmt: skip
-    lengths = [rng.randint(0, 3) for _ in range(num_samples * F)]
-    ids = [rng.randint(0, TABLE_SIZES[cell % F]) for cell, n in enumerate(lengths) for _ in range(n)]  # 0 .. size
-    request = {
-        "float_features": rows[0] if one_sample else rows,
-        "id_list_features.lengths": lengths,
-        "id_list_features.values": ids,
-    }
-    if not junk:
-        return request
-    if draw(st.integers(0, 3)) == 0:  # one bad element somewhere
-        target = draw(st.sampled_from([rows[0], lengths] + ([ids] if ids else [])))
-        target[draw(st.integers(0, len(target) - 1))] = draw(st.one_of(json_scalars, dense_numbers))
-    for key in REQUEST_KEYS:
-        if draw(st.integers(0, 5)) == 0:
-            request[key] = draw(json_values)
-    if draw(st.integers(0, 7)) == 0:
-        del request[draw(st.sampled_from(REQUEST_KEYS))]
-    if draw(st.integers(0, 3)) == 0:
-        request[draw(st.text(max_size=4))] = draw(json_values)
-    return request
 
 
 def encode(value: Any) -> Optional[bytes]:

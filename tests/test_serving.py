@@ -17,7 +17,7 @@ import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ import torch
 import serving
 from conftest import REPO, SMALL_TABLE_SIZES, small_model_config
 from dlrm_factory import DLRMFactory
-from serving import Sample, TorchServe, build_mar, make_request, predict
+from serving import Sample, TorchServe, make_request, predict, torchserve_fixture
 
 BIG_TABLE_ROWS = 2**24 + 10
 TABLE_SIZES = SMALL_TABLE_SIZES + [BIG_TABLE_ROWS]
@@ -53,41 +53,15 @@ def approx(scores: Any) -> Any:
     return pytest.approx(scores, rel=0, abs=SCORE_TOLERANCE)
 
 
-# --- fixtures: mar_file -> torchserve -> dlrm / dlrm_batched ---------------------------------
+# --- the server: dlrm.mar registered twice -------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("serving"))
-
-
-@pytest.fixture(scope="module")
-def mar_file(workdir: str) -> str:
-    return build_mar(E2E_CONFIG, workdir, "dlrm")
-
-
-@pytest.fixture(scope="module")
-def torchserve(workdir: str, mar_file: str) -> Iterator[TorchServe]:
-    server = TorchServe(workdir, os.path.dirname(mar_file))
-    try:
-        server.wait_for_ping()
-        server.register("dlrm", "dlrm.mar")  # the .mar's YAML: batchSize 32, maxBatchDelay 1 ms
-        server.register("dlrm_batched", "dlrm.mar", batch_size=8, max_batch_delay=2000)
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def dlrm(torchserve: TorchServe) -> TorchServe:
-    torchserve.wait_for_model("dlrm")
-    return torchserve
-
-
-@pytest.fixture(scope="module")
-def dlrm_batched(torchserve: TorchServe) -> TorchServe:
-    torchserve.wait_for_model("dlrm_batched")
-    return torchserve
+torchserve = torchserve_fixture(
+    mars={"dlrm": E2E_CONFIG},
+    models={
+        "dlrm": {},  # the .mar's YAML: batchSize 32, maxBatchDelay 1 ms
+        "dlrm_batched": {"mar": "dlrm.mar", "batch_size": 8, "max_batch_delay": 2000},
+    },
+)
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +73,10 @@ def direct_model() -> torch.nn.Module:
 
 
 def test_one_sample_request_is_answered_with_its_score_and_probability(
-    dlrm: TorchServe, direct_model: torch.nn.Module
+    torchserve: TorchServe, direct_model: torch.nn.Module
 ) -> None:
     samples = random_samples(random.Random(1), 1)
-    status, answer = predict(dlrm, "dlrm", make_request(samples, one_sample=True))
+    status, answer = predict(torchserve, "dlrm", make_request(samples, one_sample=True))
     assert status == 200
     assert set(answer) == {"score", "probability"}
     assert isinstance(answer["score"], float)
@@ -111,14 +85,14 @@ def test_one_sample_request_is_answered_with_its_score_and_probability(
 
 
 def test_upstream_two_sample_request_equals_each_sample_sent_alone(
-    dlrm: TorchServe, direct_model: torch.nn.Module
+    torchserve: TorchServe, direct_model: torch.nn.Module
 ) -> None:
     with open(os.path.join(REFERENCE, "upstream_dlrm_bs_2.json")) as f:
         upstream = json.load(f)  # its dense features; ids valid for the served tables
     samples = [(upstream["float_features"][0], [[11], [222], [3333], [2**24 + 5]]),
                (upstream["float_features"][1], [[999], [0], [4999], [77]])]  # fmt: skip
-    status, both = predict(dlrm, "dlrm", make_request(samples))
-    alone = [predict(dlrm, "dlrm", make_request([s], one_sample=True)) for s in samples]
+    status, both = predict(torchserve, "dlrm", make_request(samples))
+    alone = [predict(torchserve, "dlrm", make_request([s], one_sample=True)) for s in samples]
     assert status == 200 and [a[0] for a in alone] == [200, 200]
     assert len(both["score"]) == 2
     assert both["score"] == approx([a[1]["score"] for a in alone])
@@ -127,11 +101,11 @@ def test_upstream_two_sample_request_equals_each_sample_sent_alone(
 
 
 def test_multi_hot_lengths_0_1_and_3_equal_a_direct_call_of_the_same_model(
-    dlrm: TorchServe, direct_model: torch.nn.Module
+    torchserve: TorchServe, direct_model: torch.nn.Module
 ) -> None:
     samples = [([0.5] * 13, [[], [7], [1, 2, 3], [2**24 + 9, 0, 123456]]),
                ([-0.5] * 13, [[999, 0, 5], [], [4], []])]  # fmt: skip
-    status, answer = predict(dlrm, "dlrm", make_request(samples))
+    status, answer = predict(torchserve, "dlrm", make_request(samples))
     assert status == 200
     assert answer["score"] == approx(direct_scores(direct_model, samples))
     # the bags matter: dropping one id changes the score
@@ -139,13 +113,13 @@ def test_multi_hot_lengths_0_1_and_3_equal_a_direct_call_of_the_same_model(
     assert direct_scores(direct_model, fewer)[0] != approx(answer["score"][0])
 
 
-def test_id_above_2_24_reaches_its_own_row(dlrm: TorchServe, direct_model: torch.nn.Module) -> None:
+def test_id_above_2_24_reaches_its_own_row(torchserve: TorchServe, direct_model: torch.nn.Module) -> None:
     """float32 holds 2^24 + 1 as 2^24: upstream scored both ids with the same row."""
     dense = [0.1 * i for i in range(13)]
     scores = {}
     for big_id in (2**24, 2**24 + 1):
         sample = [(dense, [[1], [2], [3], [big_id]])]
-        status, answer = predict(dlrm, "dlrm", make_request(sample, one_sample=True))
+        status, answer = predict(torchserve, "dlrm", make_request(sample, one_sample=True))
         assert status == 200
         assert answer["score"] == approx(direct_scores(direct_model, sample)[0])
         scores[big_id] = answer["score"]
@@ -156,13 +130,13 @@ def test_id_above_2_24_reaches_its_own_row(dlrm: TorchServe, direct_model: torch
 
 
 @pytest.fixture(scope="module")
-def burst(dlrm_batched: TorchServe) -> Dict[str, Any]:
+def burst(torchserve: TorchServe) -> Dict[str, Any]:
     """32 distinct requests (1 to 3 samples each) sent at once to ``dlrm_batched``."""
     rng = random.Random(32)
     sample_lists = [random_samples(rng, rng.randint(1, 3)) for _ in range(32)]
-    calls_before = dlrm_batched.handler_calls("dlrm_batched")
+    calls_before = torchserve.handler_calls("dlrm_batched")
     with ThreadPoolExecutor(max_workers=32) as pool:
-        answers = list(pool.map(lambda s: predict(dlrm_batched, "dlrm_batched", make_request(s)), sample_lists))
+        answers = list(pool.map(lambda s: predict(torchserve, "dlrm_batched", make_request(s)), sample_lists))
     return {"samples": sample_lists, "answers": answers, "calls_before": calls_before}
 
 
@@ -175,30 +149,30 @@ def test_32_concurrent_requests_each_get_exactly_their_own_scores(
         assert answer["score"] == approx(direct_scores(direct_model, samples))
 
 
-def test_concurrent_requests_really_form_batches(dlrm_batched: TorchServe, burst: Dict[str, Any]) -> None:
-    dlrm_batched.wait_until(  # the metrics log is written as the batches finish
+def test_concurrent_requests_really_form_batches(torchserve: TorchServe, burst: Dict[str, Any]) -> None:
+    torchserve.wait_until(  # the metrics log is written as the batches finish
         "the burst's metrics",
-        lambda: dlrm_batched.handler_calls("dlrm_batched") - burst["calls_before"] >= 4,
+        lambda: torchserve.handler_calls("dlrm_batched") - burst["calls_before"] >= 4,
         30,
     )
-    calls = dlrm_batched.handler_calls("dlrm_batched") - burst["calls_before"]
+    calls = torchserve.handler_calls("dlrm_batched") - burst["calls_before"]
     assert 4 <= calls < 32  # 32 requests in batches of up to 8
 
 
 def test_malformed_request_in_a_batch_leaves_its_neighbours_answers_correct(
-    dlrm_batched: TorchServe, direct_model: torch.nn.Module
+    torchserve: TorchServe, direct_model: torch.nn.Module
 ) -> None:
-    worker_pid = dlrm_batched.workers("dlrm_batched")[0]["pid"]
-    calls_before = dlrm_batched.handler_calls("dlrm_batched")
+    worker_pid = torchserve.workers("dlrm_batched")[0]["pid"]
+    calls_before = torchserve.handler_calls("dlrm_batched")
     sample_lists = random_samples(random.Random(8), 7)
     bodies: List[Any] = [make_request([s], one_sample=True) for s in sample_lists]
     bodies.insert(3, make_request(random_samples(random.Random(9), 1)) | {"id_list_features.values": "oops"})
     with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(lambda b: predict(dlrm_batched, "dlrm_batched", b), bodies))
-    dlrm_batched.wait_until(
-        "the batch's metrics", lambda: dlrm_batched.handler_calls("dlrm_batched") > calls_before, 30
+        answers = list(pool.map(lambda b: predict(torchserve, "dlrm_batched", b), bodies))
+    torchserve.wait_until(
+        "the batch's metrics", lambda: torchserve.handler_calls("dlrm_batched") > calls_before, 30
     )
-    assert dlrm_batched.handler_calls("dlrm_batched") - calls_before == 1  # one batch of 8
+    assert torchserve.handler_calls("dlrm_batched") - calls_before == 1  # one batch of 8
 
     status, error = answers.pop(3)
     assert status == 400
@@ -207,7 +181,7 @@ def test_malformed_request_in_a_batch_leaves_its_neighbours_answers_correct(
     for sample, (status, answer) in zip(sample_lists, answers):
         assert status == 200
         assert answer["score"] == approx(direct_scores(direct_model, [sample])[0])
-    assert dlrm_batched.workers("dlrm_batched")[0]["pid"] == worker_pid  # the worker survived
+    assert torchserve.workers("dlrm_batched")[0]["pid"] == worker_pid  # the worker survived
 
 
 # --- bad requests over HTTP -----------------------------------------------------------------
@@ -240,16 +214,16 @@ TEST_CASES = [
 
 @pytest.mark.parametrize("body, status, field", [c[1:] for c in TEST_CASES], ids=[c[0] for c in TEST_CASES])
 def test_bad_request_is_answered_4xx_with_a_message_naming_the_field(
-    dlrm: TorchServe, body: bytes, status: int, field: str
+    torchserve: TorchServe, body: bytes, status: int, field: str
 ) -> None:
-    answer_status, answer = predict(dlrm, "dlrm", body)
+    answer_status, answer = predict(torchserve, "dlrm", body)
     assert answer_status == status
     assert answer["code"] == status and answer["type"] == "InvalidInput"
     assert answer["message"].startswith(f"{field}:")
     assert "expected" in answer["message"]
 
 
-def test_worker_answers_normally_after_bad_requests(dlrm: TorchServe) -> None:
-    assert predict(dlrm, "dlrm", b"{")[0] == 400
-    status, answer = predict(dlrm, "dlrm", VALID)
+def test_worker_answers_normally_after_bad_requests(torchserve: TorchServe) -> None:
+    assert predict(torchserve, "dlrm", b"{")[0] == 400
+    status, answer = predict(torchserve, "dlrm", VALID)
     assert status == 200 and isinstance(answer["score"], float)
