@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Package the DLRM for TorchServe: DIR/NAME.mar holds dlrm_handler.py, dlrm_request.py (the
-# request contract the handler imports), dlrm_factory.py, the config (as model_config.json),
-# the checkpoint if any (as checkpoint.pt) and model-config.yaml. No weights without a
-# checkpoint: the worker builds the model at startup.
+# request contract the handler imports), dlrm_factory.py, dlrm_table_store.py, the config (as
+# model_config.json), the checkpoint if any (as checkpoint.pt, with its sha256 as
+# checkpoint.pt.sha256: the table store's key, so workers need not read 45 GB to compute it)
+# and model-config.yaml. No weights without a checkpoint: the worker builds the tables at its
+# first start into its table store, or maps them from there.
+#
+# --table-store DIR builds the config's table store entry into DIR now, on this machine
+# (what the first worker would do): a server whose store is DIR (the config's table_store,
+# or $DLRM_TABLE_STORE) then maps it at once, even from a read-only volume. Build it with the
+# devices the server will have (the entry's key holds the sharding plan).
 #
 # Defaults can be overridden from the environment: CONFIG, CHECKPOINT, EXPORT_PATH,
-# MODEL_NAME, MODEL_YAML (TorchServe's per-model YAML), PYTHON, ARCHIVER.
+# MODEL_NAME, MODEL_YAML (TorchServe's per-model YAML), TABLE_STORE, PYTHON, ARCHIVER.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -14,6 +21,7 @@ CHECKPOINT="${CHECKPOINT:-}"
 EXPORT_PATH="${EXPORT_PATH:-model_store}"
 MODEL_NAME="${MODEL_NAME:-dlrm}"
 MODEL_YAML="${MODEL_YAML:-$HERE/model-config.yaml}"
+TABLE_STORE="${TABLE_STORE:-}"
 if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="${PYTHON:-$HERE/.venv/bin/python}"; fi
 PYTHON="${PYTHON:-python3}"
 if [[ -x "$HERE/.venv/bin/torch-model-archiver" ]]; then
@@ -21,13 +29,14 @@ if [[ -x "$HERE/.venv/bin/torch-model-archiver" ]]; then
 fi
 ARCHIVER="${ARCHIVER:-torch-model-archiver}"
 
-usage="usage: $0 [--config FILE] [--checkpoint FILE] [--export-path DIR] [--model-name NAME]"
+usage="usage: $0 [--config FILE] [--checkpoint FILE] [--export-path DIR] [--model-name NAME] [--table-store DIR]"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) CONFIG="${2:?$usage}"; shift 2 ;;
     --checkpoint) CHECKPOINT="${2:?$usage}"; shift 2 ;;
     --export-path) EXPORT_PATH="${2:?$usage}"; shift 2 ;;
     --model-name) MODEL_NAME="${2:?$usage}"; shift 2 ;;
+    --table-store) TABLE_STORE="${2:?$usage}"; shift 2 ;;
     -h | --help) echo "$usage"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; echo "$usage" >&2; exit 2 ;;
   esac
@@ -60,15 +69,44 @@ try:
     resolve_model_config(config)
 except ValueError as e:  # names the key, the value and the fix
     sys.exit(f"{config_path}: {e}")
+store = config.get("table_store")
+if isinstance(store, str) and not os.path.isabs(os.path.expanduser(store)):
+    sys.exit(f"{config_path}: model config: \x27table_store\x27 is {store!r}; expected an absolute path "
+             "(a worker runs in the unpacked .mar\x27s temporary folder), or null and DLRM_TABLE_STORE when served")
 checkpoint = config.get("checkpoint") or ""
 config["checkpoint"] = "checkpoint.pt" if checkpoint else None
 with open(staged, "w") as f:
     json.dump(config, f, indent=2)
 print(os.path.abspath(checkpoint) if checkpoint else "")
 ' "$HERE" "$CONFIG" "$CHECKPOINT" "$STAGE/files/model_config.json")"
-cp "$HERE/dlrm_request.py" "$STAGE/files/"  # TorchServe puts the .mar's files on the worker's path
+# TorchServe puts the .mar's files on the worker's path.
+cp "$HERE/dlrm_request.py" "$HERE/dlrm_table_store.py" "$STAGE/files/"
 if [[ -n "$CHECKPOINT" ]]; then
   ln -s "$CHECKPOINT" "$STAGE/files/checkpoint.pt"  # the archiver copies what it points to
+  "$PYTHON" -c '
+import sys
+sys.path.insert(0, sys.argv[1])
+from dlrm_table_store import file_sha256
+with open(sys.argv[2] + ".sha256", "w") as f:
+    f.write(f"{file_sha256(sys.argv[2])}  checkpoint.pt\n")
+' "$HERE" "$STAGE/files/checkpoint.pt"
+fi
+
+if [[ -n "$TABLE_STORE" ]]; then
+  # The entry a worker would build at its first start: the packaged config, its checkpoint
+  # (and digest) as packaged, into TABLE_STORE.
+  "$PYTHON" -c '
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from dlrm_factory import DLRMFactory
+staged, store = sys.argv[2:4]
+with open(os.path.join(staged, "model_config.json")) as f:
+    config = json.load(f)
+if config.get("checkpoint"):
+    config["checkpoint"] = os.path.join(staged, "checkpoint.pt")
+entry = DLRMFactory({**config, "table_store": store}).table_store_entry
+print("table store:", entry["path"], "(built)" if entry["built"] else "(already there)")
+' "$HERE" "$STAGE/files" "$TABLE_STORE"
 fi
 
 mkdir -p "$EXPORT_PATH"

@@ -681,6 +681,8 @@ def tables_from_store(
     if state is not None:
         copy_dense_weights(model, state)
     model.table_store_entry = {"path": entry.path, "built": entry.built}
+    if not entry.built:
+        logger.info("table store: mapped %s", entry.path)
     return model
 
 

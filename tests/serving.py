@@ -123,6 +123,8 @@ def served_models(
     properties load themselves (``model_snapshot``). A server that fails to start or a
     model that never gets READY fails the test with the server's logs."""
     model_store = model_store or os.path.join(workdir, "model_store")
+    # The workers' table store: this server's own (the handler's default is ~/.cache/...).
+    env = {"DLRM_TABLE_STORE": os.path.join(workdir, "table_store"), **(env or {})}
     for name, config in mars.items():
         build_mar(config, workdir, name, model_store)
     try:
