@@ -203,6 +203,20 @@ class BenchServer(TorchServe):
 # --- load -----------------------------------------------------------------------------------
 
 
+def scale(server: BenchServer, models: List[str], workers: int) -> None:
+    """Every model to exactly ``workers`` READY workers (the management API's scale call),
+    then a short pause for the stopped ones to go."""
+    for model in models:
+        status, body = http_request("PUT", f"{server.management}/models/{model}?min_worker={workers}&max_worker={workers}")
+        if status not in (200, 202):
+            raise RuntimeError(f"scaling {model} to {workers} workers: HTTP {status} {body[:200]!r}")
+    for model in models:
+        server.wait_until(f"{workers} READY workers of {model}",
+                          lambda m=model: sum(w.get("status") == "READY" for w in server.workers(m)) == workers
+                          and len(server.workers(m)) == workers, READY_TIMEOUT_S["full"])  # fmt: skip
+    time.sleep(1.0)
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all cores have been busy since boot (/proc/stat: all but idle and iowait)."""
     with open("/proc/stat") as f:
@@ -221,9 +235,10 @@ def wrk(url: str, connections: int, seconds: float, lua: str, body_file: str, co
     return json.loads(match.group(1))
 
 
-def measure(server: BenchServer, model: str, connections: int, args: argparse.Namespace,
+def measure(server: BenchServer, model: str, workers: int, connections: int, args: argparse.Namespace,
             lua: str, body_file: str) -> Dict[str, Any]:  # fmt: skip
-    """Warm up, then measure ``model`` at ``connections``: req/s, latencies, batch, load."""
+    """Warm up, then measure ``model`` (``workers`` workers) at ``connections``: req/s,
+    latencies, batch, load."""
     url = f"{server.inference}/predictions/{model}"
     if args.warmup > 0:
         wrk(url, connections, args.warmup, lua, body_file, args.content_type)
@@ -241,6 +256,7 @@ def measure(server: BenchServer, model: str, connections: int, args: argparse.Na
     calls = server.handler_calls(model) - calls
     return {
         "model": model,
+        "workers": workers,
         "connections": connections,
         "rps": r["requests"] / seconds,
         "p50_ms": r["p50_us"] / 1e3,
@@ -256,33 +272,35 @@ def measure(server: BenchServer, model: str, connections: int, args: argparse.Na
 # --- report ---------------------------------------------------------------------------------
 
 
-def best_rounds(runs: List[Dict[str, Any]], connections: List[int], models: List[str]) -> List[Dict[str, Any]]:
-    """Per (model, connections) the round with the highest req/s, and its req/s and p99 over
-    the no-op's row (its best round) at the same connections: the ratios of the table."""
+def best_rounds(runs: List[Dict[str, Any]], workers: List[int], connections: List[int], models: List[str]) -> List[Dict[str, Any]]:
+    """Per (model, workers, connections) the round with the highest req/s, and its req/s and
+    p99 over the no-op's row (its best round) at the same workers and connections: the
+    ratios of the table."""
     table = []
-    for conns in connections:
-        best = {}
-        for model in models:
-            cell = [r for r in runs if r["model"] == model and r["connections"] == conns]
-            best[model] = dict(max(cell, key=lambda r: r["rps"]))
-        noop = best.get("noop")
-        for model in models:
-            row = best[model]
-            row["ratio"] = row["rps"] / noop["rps"] if noop else float("nan")
-            row["p99_ratio"] = row["p99_ms"] / noop["p99_ms"] if noop else float("nan")
-            table.append(row)
+    for count in workers:
+        for conns in connections:
+            best = {}
+            for model in models:
+                cell = [r for r in runs if r["model"] == model and r["workers"] == count and r["connections"] == conns]
+                best[model] = dict(max(cell, key=lambda r: r["rps"]))
+            noop = best.get("noop")
+            for model in models:
+                row = best[model]
+                row["ratio"] = row["rps"] / noop["rps"] if noop else float("nan")
+                row["p99_ratio"] = row["p99_ms"] / noop["p99_ms"] if noop else float("nan")
+                table.append(row)
     return table
 
 
 def markdown(table: List[Dict[str, Any]]) -> str:
     lines = [
-        "| handler | connections | req/s | p50 ms | p99 ms | ratio to no-op (req/s, p99) | batch | other load (cores) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| handler | workers | connections | req/s | p50 ms | p99 ms | ratio to no-op (req/s, p99) | batch | other load (cores) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in table:
         ratio = "1" if r["model"] == "noop" else f"{r['ratio']:.2f}x, {r['p99_ratio']:.2f}x"
         lines.append(
-            f"| {r['model']} | {r['connections']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+            f"| {r['model']} | {r['workers']} | {r['connections']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
             f"| {ratio} | {'-' if math.isnan(r['batch']) else format(r['batch'], '.1f')} | {r['other_cores']:.2f} |"
         )
     return "\n".join(lines)
@@ -295,12 +313,16 @@ def plot(table: List[Dict[str, Any]], title: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_rps, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for model, color in zip(sorted({r["model"] for r in table}, key=MODELS.index), ("tab:gray", "tab:blue")):
-        rows = [r for r in table if r["model"] == model]
-        conns = [r["connections"] for r in rows]
-        ax_rps.plot(conns, [r["rps"] for r in rows], "o-", color=color, label=model)
-        ax_lat.plot(conns, [r["p50_ms"] for r in rows], "o--", color=color, label=f"{model} p50")
-        ax_lat.plot(conns, [r["p99_ms"] for r in rows], "s-", color=color, label=f"{model} p99")
+    colors = {"noop": "tab:gray", "dlrm": "tab:blue"}
+    styles = {1: "-", 2: "--", 4: ":"}
+    for model in sorted({r["model"] for r in table}, key=MODELS.index):
+        for count in sorted({r["workers"] for r in table}):
+            rows = [r for r in table if r["model"] == model and r["workers"] == count]
+            conns = [r["connections"] for r in rows]
+            label = f"{model}, {count} worker{'s' if count > 1 else ''}"
+            style = styles.get(count, "-.")
+            ax_rps.plot(conns, [r["rps"] for r in rows], "o" + style, color=colors[model], label=label)
+            ax_lat.plot(conns, [r["p99_ms"] for r in rows], "s" + style, color=colors[model], label=f"{label} p99")
     for ax, ylabel in ((ax_rps, "requests/s"), (ax_lat, "latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["connections"] for r in table}))
@@ -334,6 +356,8 @@ def machine() -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="workers per model, each count measured (scaled with the management API)")  # fmt: skip
     parser.add_argument("--duration", type=float, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 3)")
     parser.add_argument("--rounds", type=int, help="sweeps; each cell shows its best round (default 2)")
@@ -399,15 +423,17 @@ def main() -> None:
                   f"{described.get('batchSize')}, maxBatchDelay {described.get('maxBatchDelay')} ms; "
                   f"answer {answer.decode(errors='replace')[:80]!r}", flush=True)  # fmt: skip
         for round_ in range(args.rounds):
-            for connections in args.connections:
-                for model in args.models:
-                    r = measure(server, model, connections, args, lua, body_file)
-                    r["round"] = round_
-                    runs.append(r)
-                    print(f"  round {round_ + 1}/{args.rounds}  {model:4s} {connections:3d} conn: "
-                          f"{r['rps']:7,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-                          f"batch {r['batch']:4.1f}  server {r['server_cores']:.2f} cores  "
-                          f"other {r['other_cores']:.2f} cores", flush=True)  # fmt: skip
+            for workers in args.workers:
+                scale(server, args.models, workers)
+                for connections in args.connections:
+                    for model in args.models:
+                        r = measure(server, model, workers, connections, args, lua, body_file)
+                        r["round"] = round_
+                        runs.append(r)
+                        print(f"  round {round_ + 1}/{args.rounds}  {model:4s} x{workers} {connections:3d} conn: "
+                              f"{r['rps']:7,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+                              f"batch {r['batch']:4.1f}  server {r['server_cores']:.2f} cores  "
+                              f"other {r['other_cores']:.2f} cores", flush=True)  # fmt: skip
     except (RuntimeError, KeyboardInterrupt) as error:
         sys.exit(f"{error}\n{server.log_tail()}")
     finally:
@@ -417,10 +443,10 @@ def main() -> None:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    table = best_rounds(runs, args.connections, args.models)
+    table = best_rounds(runs, args.workers, args.connections, args.models)
     what = "full model_config.json" if args.full_config else f"default architecture, tables capped at {args.max_rows:,} rows"
     yaml_name = os.path.relpath(args.model_yaml, REPO)
-    title = (f"TorchServe 0.12, one worker per model, {yaml_name} (batchSize {described.get('batchSize')}, "
+    title = (f"TorchServe 0.12, {'/'.join(map(str, args.workers))} worker(s) per model, {yaml_name} (batchSize {described.get('batchSize')}, "
              f"maxBatchDelay {described.get('maxBatchDelay')} ms); dlrm: {what}\n"
              f"one-sample {args.content_type} requests, wrk, {args.duration:g} s per run, best of "
              f"{args.rounds} round(s); {machine()}")  # fmt: skip

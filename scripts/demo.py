@@ -27,6 +27,8 @@ from typing import Callable, Optional
 from torchserve_process import TorchServe, TorchServeError, http_request, read_properties, stop_process_group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from dlrm_table_store import default_store_dir  # noqa: E402
 DEMO_DIR = os.path.join(REPO, ".demo")
 PID_FILE = os.path.join(DEMO_DIR, "torchserve.pid")
 LOG_DIR = os.path.join(DEMO_DIR, "logs")
@@ -58,6 +60,16 @@ def last_worker_line() -> str:
     messages = [line.split(" - ", 1)[1].strip() for line in lines if " - " in line]
     messages = [m for m in messages if m and len(m) < 200]  # skip config dumps
     return messages[-1] if messages else ""
+
+
+def tables_line() -> str:
+    """What the worker said of its tables: mapped from or built into the store."""
+    try:
+        with open(os.path.join(LOG_DIR, "model_log.log"), errors="replace") as f:
+            lines = [line for line in f if "table store: " in line]
+    except OSError:
+        return "no worker log"
+    return lines[-1].split("MODEL_LOG - ", 1)[-1].strip() if lines else "no table store"
 
 
 def show_progress(server: TorchServe) -> Callable[[float], None]:
@@ -95,13 +107,15 @@ def start(config: str, timeout: float) -> None:
     print("== " + " ".join(server.command[1:]).replace(REPO + "/", ""))
     with open(PID_FILE, "w") as f:  # `make stop` stops this process group
         f.write(str(server.process.pid))
-    print(f"== waiting for the model (building it takes minutes for the full Criteo size; "
-          f"at most {timeout:.0f} s); logs in {os.path.relpath(LOG_DIR, REPO)}/")  # fmt: skip
+    store = default_store_dir()
+    print(f"== waiting for the model (at most {timeout:.0f} s; logs in {os.path.relpath(LOG_DIR, REPO)}/): its "
+          f"worker maps the tables from the table store {store} (set DLRM_TABLE_STORE to move it), "
+          "building them there first if they are not there yet (~1 min for the full Criteo size)")  # fmt: skip
     try:
         server.wait_for_model(MODEL_NAME, timeout, progress=show_progress(server))
     except TorchServeError as error:
         sys.exit(f"{error}\n(logs in {LOG_DIR}; stop the server with `make stop`)")
-    print(f"  model ready after {time.monotonic() - started:.0f} s")
+    print(f"  model ready after {time.monotonic() - started:.0f} s ({tables_line()})")
 
     print("== curl -H 'Content-Type: application/json' --data @sample_data.json "
           f"{inference}/predictions/{MODEL_NAME}")  # fmt: skip

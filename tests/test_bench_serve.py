@@ -42,9 +42,9 @@ def test_noop_handler_answers_every_request_of_a_batch_with_a_constant() -> None
     assert answers == [noop_handler.ANSWER] * 3 and json.loads(answers[0])["score"] == 0.0
 
 
-def run(model: str, connections: int, round_: int, rps: float, p99: float) -> Dict[str, Any]:
-    return {"model": model, "connections": connections, "round": round_, "rps": rps, "p50_ms": 1.0,
-            "p99_ms": p99, "batch": float("nan"), "other_cores": 0.0}  # fmt: skip
+def run(model: str, connections: int, round_: int, rps: float, p99: float, workers: int = 1) -> Dict[str, Any]:
+    return {"model": model, "workers": workers, "connections": connections, "round": round_, "rps": rps,
+            "p50_ms": 1.0, "p99_ms": p99, "batch": float("nan"), "other_cores": 0.0}  # fmt: skip
 
 
 def test_table_shows_each_cells_best_round_and_ratios_to_the_noop_row() -> None:
@@ -52,8 +52,16 @@ def test_table_shows_each_cells_best_round_and_ratios_to_the_noop_row() -> None:
         run("noop", 32, 0, 1000.0, 10.0), run("dlrm", 32, 0, 700.0, 12.0),
         run("noop", 32, 1, 1200.0, 8.0), run("dlrm", 32, 1, 600.0, 30.0),
     ]  # fmt: skip
-    noop, dlrm = bench_serve.best_rounds(runs, [32], ["noop", "dlrm"])
+    noop, dlrm = bench_serve.best_rounds(runs, [1], [32], ["noop", "dlrm"])
     assert (noop["round"], dlrm["round"]) == (1, 0)
     assert dlrm["ratio"] == pytest.approx(700 / 1200) and dlrm["p99_ratio"] == pytest.approx(12 / 8)
     table = bench_serve.markdown([noop, dlrm])
-    assert "| dlrm | 32 | 700 | 1.00 | 12.00 | 0.58x, 1.50x | - | 0.00 |" in table
+    assert "| dlrm | 1 | 32 | 700 | 1.00 | 12.00 | 0.58x, 1.50x | - | 0.00 |" in table
+
+
+def test_each_worker_count_is_compared_with_the_noop_at_the_same_worker_count() -> None:
+    runs = [run("noop", 32, 0, 1000.0, 10.0, workers=1), run("dlrm", 32, 0, 500.0, 20.0, workers=1),
+            run("noop", 32, 0, 900.0, 12.0, workers=2), run("dlrm", 32, 0, 720.0, 15.0, workers=2)]  # fmt: skip
+    rows = bench_serve.best_rounds(runs, [1, 2], [32], ["noop", "dlrm"])
+    assert [(r["model"], r["workers"]) for r in rows] == [("noop", 1), ("dlrm", 1), ("noop", 2), ("dlrm", 2)]
+    assert rows[1]["ratio"] == pytest.approx(0.5) and rows[3]["ratio"] == pytest.approx(0.8)
