@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Package the DLRM for TorchServe: DIR/NAME.mar holds dlrm_handler.py, dlrm_request.py (the
-# request contract the handler imports), dlrm_factory.py, dlrm_table_store.py, the config (as
+# request contract the handler imports), dlrm_factory.py, dlrm_table_store.py,
+# dlrm_lean_forward.py (the CPU forward the handler serves with), the config (as
 # model_config.json), the checkpoint if any (as checkpoint.pt, with its sha256 as
 # checkpoint.pt.sha256: the table store's key, so workers need not read 45 GB to compute it)
 # and model-config.yaml. No weights without a checkpoint: the worker builds the tables at its
@@ -80,7 +81,7 @@ with open(staged, "w") as f:
 print(os.path.abspath(checkpoint) if checkpoint else "")
 ' "$HERE" "$CONFIG" "$CHECKPOINT" "$STAGE/files/model_config.json")"
 # TorchServe puts the .mar's files on the worker's path.
-cp "$HERE/dlrm_request.py" "$HERE/dlrm_table_store.py" "$STAGE/files/"
+cp "$HERE/dlrm_request.py" "$HERE/dlrm_table_store.py" "$HERE/dlrm_lean_forward.py" "$STAGE/files/"
 if [[ -n "$CHECKPOINT" ]]; then
   ln -s "$CHECKPOINT" "$STAGE/files/checkpoint.pt"  # the archiver copies what it points to
   "$PYTHON" -c '

@@ -18,6 +18,11 @@ Pipeline (one small function each, in this order):
     7. ``fill_tables``                  weights written into the shards: a checkpoint, or a
                                         seeded random init (TorchRec's uniform +-sqrt(1/rows))
 
+With a ``table_store`` (a directory; SPEC §7), steps 6-7 go through it
+(``tables_from_store``): the shards are a store entry's pages, memory-mapped - written once,
+by the same step-7 code, then shared by every process that serves the config; see
+``dlrm_table_store.py``. The serving forward for one device is ``dlrm_lean_forward.py``.
+
 Why a metaclass: TorchServe's ``BaseHandler._load_pickled_model`` imports the model file and
 calls its one class with no arguments, so a file holds exactly one class and that class must
 *return* the model. ``DLRMFactory`` subclasses ``type`` and returns an ``nn.Module`` from
@@ -31,9 +36,15 @@ take 45.6 GB: no float copy of a whole table set is ever made. Random init draws
 chunk by chunk straight into the quantized rows; a checkpoint is quantized table by table,
 in chunks of rows, from a memory-mapped file.
 
-Global side effect, in one place: CPU sharding needs TorchRec's device propagation
+With a table store, the tables are file pages of the OS page cache instead of this process's
+memory: N processes serving one config hold one copy, a restart maps instead of rebuilding
+(the full default: ~0.1 s and 0.25 GiB of private memory instead of ~35 s and 11.6 GiB), and
+tables larger than RAM page in on use.
+
+Global side effects, in one place each: CPU sharding needs TorchRec's device propagation
 (``torchrec.distributed.global_settings.set_propogate_device(True)``); ``select_devices``
-switches it on for the process when the CPU is used, and logs it.
+switches it on for the process when the CPU is used, and logs it; and the table store
+replaces fbgemm's weight allocation only while it shards (``dlrm_table_store.tbe_weights_from``).
 """
 
 import copy
@@ -48,7 +59,6 @@ import fbgemm_gpu
 import numpy as np
 import torch
 import torchrec
-import torch.nn.functional as nnf
 from torch import nn
 from torchrec.distributed import global_settings
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -63,7 +73,6 @@ from torchrec.inference.modules import quantize_embeddings, shard_quant_model
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 import dlrm_table_store as table_store
@@ -683,98 +692,6 @@ def tables_from_store(
     model.table_store_entry = {"path": entry.path, "built": entry.built}
     if not entry.built:
         logger.info("table store: mapped %s", entry.path)
-    return model
-
-
-# ---------------------------------------------------------------------------------------
-# Serving: a lean forward for one device (applied by the handler, opt-in elsewhere).
-# ---------------------------------------------------------------------------------------
-
-
-def optimize_for_inference(model: nn.Module, chunk_rows: int = 1024, compile_dense: bool = False) -> nn.Module:
-    """Give a ``DLRMFactory`` model a lean forward for world_size 1; scores unchanged.
-
-    TorchRec's path at world_size 1 still runs the sharded machinery for one rank: KJT
-    flatten/one-to-all "input dist", per-rank lookup lists, a KeyedTensor "output dist",
-    then ``SparseArch`` splits the pooled [B, F*D] tensor into F tensors and cats them back,
-    ``InteractionArch`` cats again and gathers the upper triangle with 2-D advanced
-    indexing, and every ReLU allocates. Here: the one TBE is called on the KJT's values and
-    offsets (same kernel, same bounds check), the pooled rows are viewed as [B, F, D], one
-    cat builds [B, F+1, D], the upper triangle is an ``index_select`` of a flat index, ReLUs
-    run in place, and a batch above ``chunk_rows`` runs its dense part ``chunk_rows`` samples
-    at a time (activations stay in cache). ``compile_dense``: the dense part through
-    ``torch.compile`` with weight freezing (oneDNN linear+ReLU; compiles on first calls).
-    The model's own parameters are used (a checkpoint loaded later is seen). A KJT with its
-    keys in another order is permuted to the tables' order (TorchRec's sharded input dist
-    fixes the order at its first call and misroutes ids after that). Anything unexpected
-    (several TBEs, sharded rows) keeps TorchRec's forward; the original forward stays at
-    ``model.reference_forward``.
-    """
-    ebc = model.sparse_arch.embedding_bag_collection
-    tbes = list(getattr(ebc, "tbes_configs", dict)().items())
-    if len(tbes) != 1:
-        logger.info("optimize_for_inference: %d TBEs (not 1); TorchRec's forward kept", len(tbes))
-        return model
-    tbe, grouped = tbes[0]
-    features = list(model.sparse_arch.sparse_feature_names)
-    whole_tables = all(
-        t.local_metadata.shard_offsets[0] == 0 and t.local_metadata.shard_sizes[0] == t.num_embeddings
-        for t in grouped.embedding_tables
-    )
-    if grouped.feature_names() != features or not whole_tables:
-        logger.info("optimize_for_inference: tables sharded or reordered; TorchRec's forward kept")
-        return model
-
-    dense_layers = [p._linear for p in model.dense_arch.model._mlp]
-    over_layers = [p._linear for p in model.over_arch.model[0]._mlp]
-    last = model.over_arch.model[1]
-    num_f, dim = len(features), dense_layers[-1].out_features
-    rows, cols = torch.triu_indices(num_f + 1, num_f + 1, offset=1)
-    upper = rows * (num_f + 1) + cols  # flat positions of the pairs i < j
-    reference = model.forward
-
-    def dense_part(dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """dense: b x N, pooled: b x (F*D) -> logits b x 1."""
-        x = dense
-        for layer in dense_layers:
-            x = torch.relu_(nnf.linear(x, layer.weight, layer.bias))  # b x D
-        b = x.shape[0]
-        combined = torch.cat([x.unsqueeze(1), pooled.view(b, num_f, dim)], dim=1)
-        gram = torch.bmm(combined, combined.transpose(1, 2)).view(b, -1)
-        y = torch.cat([x, gram.index_select(1, upper)], dim=1)  # b x (D + (F+1 choose 2))
-        for layer in over_layers:
-            y = torch.relu_(nnf.linear(y, layer.weight, layer.bias))
-        return nnf.linear(y, last.weight, last.bias)
-
-    if compile_dense:
-        import torch._inductor.config as inductor_config
-
-        compiled = torch.compile(dense_part, dynamic=True)
-
-        def dense_part(dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:  # noqa: F811
-            with inductor_config.patch(freezing=True):  # compilations happen inside calls
-                return compiled(dense, pooled)
-
-    def forward(dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
-        keys = sparse_features.keys()
-        if keys != features:
-            if sorted(keys) != sorted(features):
-                return reference(dense_features, sparse_features)  # TorchRec's error
-            sparse_features = sparse_features.permute([keys.index(f) for f in features])
-        values = sparse_features.values()
-        pooled = tbe(indices=values, offsets=sparse_features.offsets().to(values.dtype))
-        batch = dense_features.shape[0]
-        if batch <= chunk_rows:
-            return dense_part(dense_features, pooled)
-        return torch.cat(
-            [
-                dense_part(dense_features[s : s + chunk_rows], pooled[s : s + chunk_rows])
-                for s in range(0, batch, chunk_rows)
-            ]
-        )
-
-    model.forward = forward
-    model.reference_forward = reference
     return model
 
 

@@ -42,7 +42,8 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 import dlrm_table_store as table_store
-from dlrm_factory import DLRMFactory, optimize_for_inference, read_config_source, resolve_model_config
+from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config
+from dlrm_lean_forward import optimize_for_inference
 from dlrm_request import (
     BAD_REQUEST,
     OK,

@@ -4,7 +4,7 @@ plain PyTorch, and each one's fraction of the fp32 matrix-multiply bound.
 Contenders (one process, same weights, same inputs, interleaved round-robin over repeats):
 
     ours            ``DLRMFactory(config)``: int8 tables, sharded (``ShardedQuantEmbeddingBagCollection``)
-    ours+opt        the same model after ``optimize_for_inference`` (dlrm_factory.py): a lean forward
+    ours+opt        the same model after ``optimize_for_inference`` (dlrm_lean_forward.py): a lean forward
     torchrec-float  TorchRec's ``DLRM`` with a float ``EmbeddingBagCollection``, unsharded
     plain           plain PyTorch: one ``nn.EmbeddingBag(mode="sum")`` per table, MLPs, the
                     same pairwise-dot interaction as TorchRec's ``InteractionArch``
@@ -64,7 +64,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from dlrm_factory import DLRMFactory, create_default_model_config, optimize_for_inference  # noqa: E402
+from dlrm_factory import DLRMFactory, create_default_model_config  # noqa: E402
+from dlrm_lean_forward import optimize_for_inference  # noqa: E402
 from torchrec.models.dlrm import DLRM  # noqa: E402
 from torchrec.modules.embedding_configs import EmbeddingBagConfig  # noqa: E402
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
@@ -96,7 +97,7 @@ DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "bench_model.png")
 
 
 # ---------------------------------------------------------------------------------------
-# Levers (optimize_for_inference, the lean forward, lives in dlrm_factory.py).
+# Levers (optimize_for_inference, the lean forward, lives in dlrm_lean_forward.py).
 # ---------------------------------------------------------------------------------------
 
 

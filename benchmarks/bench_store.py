@@ -157,7 +157,8 @@ def run_workload(args: argparse.Namespace) -> None:
     import torch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from dlrm_factory import DLRMFactory, optimize_for_inference, resolve_model_config
+    from dlrm_factory import DLRMFactory, resolve_model_config
+    from dlrm_lean_forward import optimize_for_inference
 
     torch.set_num_threads(1)
     config = {**json.loads(args.config_json), "table_store": args.store}

@@ -10,6 +10,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_factory import DLRMFactory, create_default_model_config
+from dlrm_lean_forward import optimize_for_inference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("bench_model", os.path.join(REPO, "benchmarks", "bench_model.py"))
@@ -64,7 +65,7 @@ def test_cap_applies_to_every_table(cfg: Dict[str, Any]) -> None:
 def test_optimized_forward_scores_like_the_factory_model(
     cfg: Dict[str, Any], ours: torch.nn.Module, batch: int, chunk_rows: int
 ) -> None:
-    fast = bench_model.optimize_for_inference(DLRMFactory(cfg), chunk_rows=chunk_rows)
+    fast = optimize_for_inference(DLRMFactory(cfg), chunk_rows=chunk_rows)
     assert fast.forward is not fast.reference_forward  # the lean path is in place
     dense = torch.rand(batch, cfg["dense_in_features"], generator=torch.Generator().manual_seed(batch))
     kjt = multi_hot_kjt(cfg, batch, seed=batch)  # multi-hot, empty bags included
@@ -76,7 +77,7 @@ def test_optimized_forward_scores_like_the_factory_model(
 
 
 def test_optimized_forward_reorders_keys(cfg: Dict[str, Any], ours: torch.nn.Module) -> None:
-    fast = bench_model.optimize_for_inference(DLRMFactory(cfg))
+    fast = optimize_for_inference(DLRMFactory(cfg))
     kjt = multi_hot_kjt(cfg, 5, seed=1)
     reordered = kjt.permute(list(reversed(range(len(kjt.keys())))))
     dense = torch.rand(5, cfg["dense_in_features"])

@@ -45,6 +45,7 @@ def test_mar_holds_handler_factory_config_and_yaml_and_nothing_else(default_mar:
             "MAR-INF/MANIFEST.json",
             "dlrm_factory.py",
             "dlrm_handler.py",
+            "dlrm_lean_forward.py",
             "dlrm_request.py",
             "dlrm_table_store.py",
             "model-config.yaml",

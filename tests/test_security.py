@@ -22,7 +22,7 @@ from dlrm_factory import DLRMFactory
 from serving import read_properties
 from test_checkpoint import float_dlrm
 
-SERVED_FILES = ("dlrm_factory.py", "dlrm_handler.py", "dlrm_request.py", "dlrm_table_store.py")
+SERVED_FILES = ("dlrm_factory.py", "dlrm_handler.py", "dlrm_lean_forward.py", "dlrm_request.py", "dlrm_table_store.py")
 # Every listener TorchServe 0.12 opens, and how its address is written.
 REST_ADDRESSES = ("inference_address", "management_address", "metrics_address")
 GRPC_ADDRESSES = ("grpc_inference_address", "grpc_management_address")
