@@ -1,8 +1,8 @@
 # make demo  - set up if needed, build dlrm.mar, start TorchServe, score sample_data.json
 # make test  - set up if needed, run the whole test suite
 # make setup - create .venv/ and install the pinned CPU stack (and the test tools)
-# make kserve - build kserve/model-store/dlrm.mar: with kserve/config/, the tree KServe mounts
-#               at /mnt/models (README, "KServe")
+# make kserve - build kserve/model-store/dlrm.mar and kserve/table_store/ (its tables): with
+#               kserve/config/, the tree KServe mounts at /mnt/models (README, "KServe")
 SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
@@ -41,10 +41,13 @@ demo: $(STAMP)
 stop:
 	$(PY) scripts/demo.py stop
 
-# The model store of kserve/dlrm-inferenceservice.yaml: model-store/dlrm.mar next to config/
-# (config.properties names /mnt/models/model-store/dlrm.mar). Another config or folder:
-# make kserve KSERVE_MODEL_CONFIG=my_config.json KSERVE_MODEL_STORE=/path/to/model-store
+# The tree of kserve/dlrm-inferenceservice.yaml's volume: model-store/dlrm.mar next to config/
+# (config.properties names /mnt/models/model-store/dlrm.mar) and table_store/ with the model's
+# table store entry built now (the manifest's DLRM_TABLE_STORE=/mnt/models/table_store: the
+# volume is mounted read-only, the workers map it). Another config or folder:
+# make kserve KSERVE_MODEL_CONFIG=my_config.json KSERVE_MODEL_STORE=/path/to/model-store KSERVE_TABLE_STORE=/path/to/table_store
 KSERVE_MODEL_CONFIG ?= model_config.json
 KSERVE_MODEL_STORE ?= kserve/model-store
+KSERVE_TABLE_STORE ?= kserve/table_store
 kserve: | $(STAMP)
-	./create_dlrm_mar.sh --config $(KSERVE_MODEL_CONFIG) --export-path $(KSERVE_MODEL_STORE) --model-name dlrm
+	./create_dlrm_mar.sh --config $(KSERVE_MODEL_CONFIG) --export-path $(KSERVE_MODEL_STORE) --model-name dlrm --table-store $(KSERVE_TABLE_STORE)

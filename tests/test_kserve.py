@@ -120,16 +120,17 @@ def test_manifest_is_a_v2_pytorch_inference_service_sized_for_the_default_model(
     assert model["modelFormat"]["name"] == "pytorch"
     assert model["protocolVersion"] == "v2"
     assert re.fullmatch(r"(pvc|s3|gs)://\S+", model["storageUri"])
-    assert predictor["minReplicas"] >= 1  # a cold start rebuilds the tables
+    assert predictor["minReplicas"] >= 1
     # 11.3 GiB of int8 tables (README, Memory) + the worker, the JVM and the wrapper
     requests_gi = gibibytes(model["resources"]["requests"]["memory"])
     assert 14 <= requests_gi <= gibibytes(model["resources"]["limits"]["memory"])
     # KServe's wrapper waits MODEL_LOAD_MAX_TRY x MODEL_LOAD_DELAY s for TorchServe's worker
-    env = {e["name"]: int(e["value"]) for e in model["env"]}
+    env = {e["name"]: e["value"] for e in model["env"]}
     startup_timeout = snapshot["models"]["dlrm"]["1.0"]["startupTimeout"]
-    assert env["MODEL_LOAD_MAX_TRY"] * env["MODEL_LOAD_DELAY"] >= startup_timeout >= 600
+    assert int(env["MODEL_LOAD_MAX_TRY"]) * int(env["MODEL_LOAD_DELAY"]) >= startup_timeout >= 600
+    assert env["DLRM_TABLE_STORE"] == f"{MOUNT}/table_store"  # make kserve's table_store/, prebuilt
     assert model["readinessProbe"]["httpGet"]["path"] == "/v2/models/dlrm/ready"
-    assert "livenessProbe" not in model  # it would kill the pod while the tables are built
+    assert "livenessProbe" not in model  # it would kill a pod whose volume is slow to read
 
 
 def test_config_properties_is_kserves_layout_under_the_storage_uri_mount(kserve_properties: Dict[str, str]) -> None:
@@ -160,18 +161,27 @@ def test_model_snapshot_registers_dlrm_mar_with_one_worker_and_batch_size_1(snap
 
 @pytest.fixture(scope="module")
 def kserve_tree(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """What the storageUri holds: kserve/config/ copied, model-store/dlrm.mar built by
-    ``make kserve`` (of the small config)."""
+    """What the storageUri holds: kserve/config/ copied, model-store/dlrm.mar and
+    table_store/ built by ``make kserve`` (of the small config)."""
     tree = tmp_path_factory.mktemp("mnt_models")
     shutil.copytree(os.path.join(KSERVE, "config"), tree / "config")
     config = tree / "small_config.json"
     config.write_text(json.dumps(CONFIG))
     subprocess.run(
         ["make", "--no-print-directory", "-s", "kserve",
-         f"KSERVE_MODEL_CONFIG={config}", f"KSERVE_MODEL_STORE={tree / 'model-store'}"],
+         f"KSERVE_MODEL_CONFIG={config}", f"KSERVE_MODEL_STORE={tree / 'model-store'}",
+         f"KSERVE_TABLE_STORE={tree / 'table_store'}"],
         cwd=REPO, check=True, timeout=300,
     )  # fmt: skip
     return str(tree)
+
+
+def test_make_kserve_prebuilds_the_table_store_entry_the_worker_maps(kserve_tree: str, torchserve: TorchServe) -> None:
+    (entry,) = [name for name in os.listdir(os.path.join(kserve_tree, "table_store")) if name.endswith(".safetensors")]
+    with open(os.path.join(torchserve.log_dir, "model_log.log"), errors="replace") as f:
+        log = f.read()
+    assert f"table store: mapped {os.path.join(kserve_tree, 'table_store', entry)}" in log
+    assert "table store: built" not in log
 
 
 def test_make_kserve_builds_the_mar_config_properties_names(kserve_tree: str, snapshot: Dict[str, Any]) -> None:
@@ -260,7 +270,8 @@ def torchserve(kserve_tree: str, tmp_path_factory: pytest.TempPathFactory) -> It
     properties = read_properties(os.path.join(kserve_tree, "config", "config.properties"))
     properties = {key: value.replace(MOUNT, kserve_tree) for key, value in properties.items()}
     workdir = str(tmp_path_factory.mktemp("kserve_server"))
-    with served_models(workdir, mars={}, models={}, properties=properties, env={"TS_SERVICE_ENVELOPE": "kservev2"},
+    env = {"TS_SERVICE_ENVELOPE": "kservev2", "DLRM_TABLE_STORE": os.path.join(kserve_tree, "table_store")}  # the manifest's
+    with served_models(workdir, mars={}, models={}, properties=properties, env=env,
                        model_store=properties["model_store"], preloaded=["dlrm"]) as server:  # fmt: skip
         yield server
 
