@@ -54,6 +54,7 @@ import os
 import random
 import struct
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,7 @@ SAMPLED_BLOCKS = 8  # larger entries: first and last block of each tensor, and t
 DATA_ALIGNMENT = 4096  # the header is padded so the tables start on a page
 CRC_PLACEHOLDER = "00000000"  # same width as a CRC-32 in hex: the header's size is fixed early
 VERIFY_THREADS = 2
+_PATCH_LOCK = threading.Lock()  # one tbe_weights_from at a time (it patches a class)
 
 # One table shard inside a TBE's host buffer.
 Shard = Tuple[str, int, torch.Tensor, Optional[torch.Tensor]]  # name, first row, rows, scale/bias
@@ -157,12 +159,16 @@ def tbe_weights_from(
     or ``"own"`` (fbgemm allocates as usual). Yields the TBEs created, in creation order.
 
     A given buffer must be exactly the TBE's host size: fbgemm's own offsets then address it
-    as they would its own zeros."""
+    as they would its own zeros. The replacement applies to TBEs created by this thread only;
+    two threads sharding through it take turns."""
     created: List[IntNBitTableBatchedEmbeddingBagsCodegen] = []
     original = IntNBitTableBatchedEmbeddingBagsCodegen._apply_split
+    owner = threading.get_ident()
 
     def apply_split(tbe: Any, dev_size: int, host_size: int, uvm_size: int, placements: List[int],
                     offsets: List[int], enforce_hbm: bool) -> None:  # fmt: skip
+        if threading.get_ident() != owner:  # another thread's TBE: fbgemm's own allocation
+            return original(tbe, dev_size, host_size, uvm_size, placements, offsets, enforce_hbm)
         created.append(tbe)
         if weights == "own":
             return original(tbe, dev_size, host_size, uvm_size, placements, offsets, enforce_hbm)
@@ -187,11 +193,12 @@ def tbe_weights_from(
         tbe.weights_host = weights[k]
         return None
 
-    IntNBitTableBatchedEmbeddingBagsCodegen._apply_split = apply_split
-    try:
-        yield created
-    finally:
-        IntNBitTableBatchedEmbeddingBagsCodegen._apply_split = original
+    with _PATCH_LOCK:
+        IntNBitTableBatchedEmbeddingBagsCodegen._apply_split = apply_split
+        try:
+            yield created
+        finally:
+            IntNBitTableBatchedEmbeddingBagsCodegen._apply_split = original
     if not isinstance(weights, str) and len(created) != len(weights):
         raise StoreError(f"table store: TorchRec created {len(created)} TBEs; the entry holds {len(weights)}")
 
@@ -246,7 +253,7 @@ def _checked_blocks(crcs: Dict[str, List[str]], full: bool) -> List[Tuple[str, i
         return every
     ends = {(name, 0) for name in crcs} | {(name, len(crcs[name]) - 1) for name in crcs}
     rest = [block for block in every if block not in ends]
-    return sorted(ends) + random.sample(rest, min(SAMPLED_BLOCKS, len(rest)))
+    return sorted(ends) + random.Random().sample(rest, min(SAMPLED_BLOCKS, len(rest)))
 
 
 def verify_blocks(path: str, offsets: Dict[str, Tuple[int, int]], crcs: Dict[str, List[str]], full: bool) -> Optional[str]:
