@@ -46,10 +46,12 @@ is drawn from numpy PCG64 streams keyed by (seed, purpose, index): the same seed
 truth and the same samples.
 """
 
+import argparse
+import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -113,6 +115,29 @@ def to_batch(samples: CriteoSamples, keys: Sequence[str]) -> Batch:
 def preprocess_dense(counts: np.ndarray) -> np.ndarray:
     """Integer features -> model inputs: log(max(x, 0) + 1), float32."""
     return np.log1p(np.maximum(counts, 0).astype(np.float64)).astype(np.float32)
+
+
+def to_request(samples: CriteoSamples) -> Dict[str, Any]:
+    """The served model's JSON request body for ``samples``: B lists of I dense numbers, and
+    one id per feature, sample-major (sample 0's C ids, then sample 1's ...)."""
+    return {
+        "float_features": samples.dense.tolist(),
+        "id_list_features.lengths": [1] * samples.ids.numel(),
+        "id_list_features.values": samples.ids.reshape(-1).tolist(),
+    }
+
+
+def request_from_tsv_lines(lines: Sequence[str]) -> Dict[str, Any]:
+    """A request body for raw Criteo TSV lines (their labels ignored): dense features
+    preprocessed as in training, categorical values sent as they are (hex read as integers,
+    missing as 0); a model served with ``id_overflow: hash`` takes them modulo its table sizes,
+    as ``read_criteo_tsv`` did for training."""
+    rows = [parse_criteo_line(line, f"line {i + 1}") for i, line in enumerate(lines)]
+    return {
+        "float_features": preprocess_dense(np.array([ints for _, ints, _ in rows], dtype=np.int64)).tolist(),
+        "id_list_features.lengths": [1] * (CAT_FEATURE_COUNT * len(rows)),
+        "id_list_features.values": [value for _, _, cats in rows for value in cats],
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,3 +353,18 @@ class SyntheticCriteo:
             labels=torch.from_numpy(clicks.astype(np.float32)),
             oracle_logit=torch.from_numpy(z.astype(np.float32)),
         )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Print the request body of a Criteo TSV file's first lines (README, "Serve your trained model")."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("tsv", help="a Criteo TSV file (label, 13 integers, 26 hex values a line)")
+    p.add_argument("--lines", type=int, default=1, help="how many of its first lines (samples)")
+    args = p.parse_args(argv)
+    with open(args.tsv) as f:
+        lines = [line for _, line in zip(range(args.lines), f)]
+    print(json.dumps(request_from_tsv_lines(lines)))
+
+
+if __name__ == "__main__":
+    main()

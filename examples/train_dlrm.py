@@ -11,6 +11,7 @@ writes, in ``--out``:
     model_config.json   the factory config of that model (int8, ``id_overflow: hash``)
     training.json       the data, the settings and the figures of the run (read by
                         ``benchmarks/bench_accuracy.py`` to rebuild the same held-out set)
+    request.json        4 held-out samples as a request body: ``curl --data @request.json``
 
 The model is TorchRec's own: ``DLRM`` over an ``EmbeddingBagCollection`` (tables
 ``t_cat_0`` ... ``t_cat_25``, built by ``dlrm_factory.build_embedding_bag_configs`` from the
@@ -58,6 +59,7 @@ from dlrm_factory import build_embedding_bag_configs, create_default_model_confi
 logger = logging.getLogger(__name__)
 
 EVAL_BATCH = 16384
+REQUEST_SAMPLES = 4  # held-out samples in request.json
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,9 +198,12 @@ def train(
     return losses, seen
 
 
-def save(model: DLRMTrain, config: Dict[str, Any], out: str, training: Dict[str, Any]) -> Tuple[str, str]:
+def save(
+    model: DLRMTrain, config: Dict[str, Any], out: str, training: Dict[str, Any], example: Optional[CriteoSamples]
+) -> Tuple[str, str]:
     """checkpoint.pt (the float ``DLRMTrain.state_dict()``), model_config.json, training.json
-    in ``out``; (checkpoint path, config path)."""
+    and, given ``example`` samples, request.json (their request body) in ``out``;
+    (checkpoint path, config path)."""
     os.makedirs(out, exist_ok=True)
     checkpoint = os.path.join(out, "checkpoint.pt")
     config_path = os.path.join(out, "model_config.json")
@@ -207,12 +212,16 @@ def save(model: DLRMTrain, config: Dict[str, Any], out: str, training: Dict[str,
         json.dump(config, f, indent=2)
     with open(os.path.join(out, "training.json"), "w") as f:
         json.dump(training, f, indent=2)
+    if example is not None:
+        with open(os.path.join(out, "request.json"), "w") as f:
+            json.dump(criteo_data.to_request(example), f)
     return checkpoint, config_path
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="folder to write checkpoint.pt, model_config.json, training.json to")
+    p.add_argument("--out", required=True,
+                   help="folder to write checkpoint.pt, model_config.json, training.json, request.json to")
     p.add_argument("--train-tsv", nargs="+", default=None, metavar="FILE",
                    help="Criteo TSV files to train on, in order, at most --train-samples of them; unset: synthetic data")
     p.add_argument("--eval-tsv", nargs="+", default=None, metavar="FILE", help="Criteo TSV files to evaluate on")
@@ -273,10 +282,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                            oracle_log_loss=log_loss(held_out.oracle_logit, held_out.labels))  # fmt: skip
             figures["gap_closed"] = (figures["auc"] - 0.5) / (figures["oracle_auc"] - 0.5)
     training = {"data": data, "args": {k: v for k, v in vars(args).items()}, "figures": figures}
-    checkpoint, config_path = save(model, config, args.out, training)
+    example = None if held_out is None else held_out.slice(0, REQUEST_SAMPLES)
+    checkpoint, config_path = save(model, config, args.out, training, example)
     for key, value in figures.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    print(f"wrote {checkpoint} and {config_path}; serve them with:\n"
+    print(f"wrote {checkpoint} and {config_path}; package them for TorchServe with:\n"
           f"  ./create_dlrm_mar.sh --config {config_path} --checkpoint {checkpoint}")  # fmt: skip
     return training
 

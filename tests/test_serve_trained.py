@@ -122,16 +122,42 @@ def test_served_scores_are_the_trained_float_models_within_int8_error(
     assert expected.std().item() > 0.2  # the logits spread far wider than that error
 
 
-def test_raw_criteo_values_are_hashed_into_the_tables_as_in_training(
-    torchserve: TorchServe, config: Dict[str, Any], held_out: List[Sample]
+def test_request_json_written_by_the_trainer_is_answered_with_its_samples_scores(
+    torchserve: TorchServe, direct_model: torch.nn.Module, config: Dict[str, Any], trained: Dict[str, str]
 ) -> None:
-    """``id_overflow: hash``: a client may send Criteo's categorical values (hex as
-    integers); the server takes them modulo the table sizes, as the TSV reader does."""
-    sizes = config["num_embeddings_per_feature"]
-    dense, bags = held_out[0]
-    raw = [[bag[0] + size * 0x9E3779B] for bag, size in zip(bags, sizes)]  # same id mod size
-    status_raw, answer_raw = predict(torchserve, "trained", make_request([(dense, raw)], one_sample=True))
-    status, answer = predict(torchserve, "trained", make_request([(dense, bags)], one_sample=True))
-    assert status_raw == status == 200
-    assert max(max(bag) for bag in raw) > 2**31  # beyond every table, beyond int32
-    assert answer_raw["score"] == answer["score"]
+    """The README's curl: ``--data @trained/request.json``."""
+    with open(os.path.join(os.path.dirname(trained["checkpoint"]), "request.json")) as f:
+        body = json.load(f)
+    ids = body["id_list_features.values"]
+    samples = [(dense, [[i] for i in ids[26 * b : 26 * (b + 1)]]) for b, dense in enumerate(body["float_features"])]
+    status, answer = predict(torchserve, "trained", body)
+    assert status == 200
+    assert len(answer["score"]) == len(answer["probability"]) == 4
+    expected = direct_scores(direct_model, config["id_list_features_keys"], samples)
+    assert answer["score"] == pytest.approx(expected, rel=0, abs=SCORE_TOLERANCE)
+
+
+# A raw Criteo line: hex values up to 0xffffffff, beyond every table; missing values; a negative count.
+CRITEO_LINE = "\t".join(
+    ["0", "1", "-1", "", "2", "1383", "", "", "", "", "", "", "", "7"]
+    + ["68fd1e64", "80e26c9b", "fb936136", "7b4723c4", "25c83c98", "7e0ccccf", "de7995b8", "1f89b562",
+       "a73ee510", "a8cd5504", "b2cb9c98", "37c9c164", "2824a5f6", "1adce6ef", "8ba8b39a", "891b62e7",
+       "e5ba7672", "f54016b9", "21ddcdc9", "b1252a9d", "07b5194c", "", "3a171ecb", "ffffffff",
+       "e8b83407", "9727dd16"]
+)  # fmt: skip
+
+
+def test_raw_criteo_line_is_scored_as_the_training_reader_and_model_score_it(
+    torchserve: TorchServe, direct_model: torch.nn.Module, config: Dict[str, Any], tmp_path: Any
+) -> None:
+    """``id_overflow: hash``: a client sends Criteo's categorical values as they are (hex read
+    as integers); the server takes them modulo the table sizes, as the TSV reader did."""
+    body = criteo_data.request_from_tsv_lines([CRITEO_LINE])
+    assert max(body["id_list_features.values"]) == 0xFFFFFFFF
+    tsv = tmp_path / "line.tsv"
+    tsv.write_text(CRITEO_LINE + "\n")
+    read = criteo_data.read_criteo_tsv([str(tsv)], config["num_embeddings_per_feature"])
+    status, answer = predict(torchserve, "trained", body)
+    assert status == 200
+    expected = direct_scores(direct_model, config["id_list_features_keys"], [(read.dense[0].tolist(), [[i] for i in read.ids[0].tolist()])])
+    assert answer["score"] == pytest.approx(expected, rel=0, abs=SCORE_TOLERANCE)

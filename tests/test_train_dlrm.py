@@ -4,6 +4,7 @@ synthetic generator, the metrics, and a short training run whose checkpoint the 
 Symbols: N samples, I = 13 dense features, C = 26 sparse features.
 """
 
+import json
 import math
 import os
 import sys
@@ -81,6 +82,19 @@ def test_tsv_value_that_is_not_hex_is_a_value_error_naming_the_line(tmp_path: An
     path.write_text("\t".join(TSV_LINES[2][:-1] + ["not-hex"]) + "\n")
     with pytest.raises(ValueError, match=rf"{path}:1: invalid literal"):
         criteo_data.read_criteo_tsv([str(path)], SMALL_SIZES)
+
+
+def test_request_from_tsv_lines_sends_preprocessed_dense_and_raw_categorical_values(
+    tiny_tsv: str, capsys: pytest.CaptureFixture
+) -> None:
+    """What a client of a served model sends for Criteo lines (the server hashes the ids)."""
+    criteo_data.main([tiny_tsv, "--lines", "2"])
+    body = json.loads(capsys.readouterr().out)
+    samples = criteo_data.read_criteo_tsv([tiny_tsv], SMALL_SIZES, max_rows=2)
+    assert body["float_features"] == samples.dense.tolist()
+    assert body["id_list_features.lengths"] == [1] * 52
+    assert body["id_list_features.values"][:2] == [0x68FD1E64, 0x80E26C9B]  # sample 0's first ids, raw
+    assert [v % size for v, size in zip(body["id_list_features.values"], SMALL_SIZES * 2)] == samples.ids.flatten().tolist()
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +193,7 @@ def test_training_writes_a_checkpoint_and_config_that_the_factory_serves_exactly
     """fp32 tables: the served model scores as the trained float DLRM."""
     out = short_run["out"]
     with open(os.path.join(out, "model_config.json")) as f:
-        config = __import__("json").load(f)
+        config = json.load(f)
     trained = train_dlrm.build_train_model(config, seed=0)
     trained.load_state_dict(torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True))
     assert config["id_overflow"] == "hash" and config["num_embeddings_per_feature"] == SMALL_SIZES
