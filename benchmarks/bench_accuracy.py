@@ -10,9 +10,11 @@ On held-out data, AUC and log loss of
 and each model's AUC over the float model's (MLPerf's DLRM "high accuracy" bar for a
 quantized model: >= 0.999). The held-out set is rebuilt from ``training.json`` with the
 same generator (``examples/criteo_data.py``) and stream the trainer evaluated on, or read
-from the trainer's ``--eval-tsv`` files (then no oracle).
+from the trainer's ``--eval-tsv`` files, or from ``--eval-tsv`` here (a model trained
+elsewhere: ``--model-dir`` then needs only checkpoint.pt and model_config.json); real data has
+no oracle.
 
-    .venv/bin/python examples/train_dlrm.py --out trained/        # ~3-5 min on 2 cores
+    .venv/bin/python examples/train_dlrm.py --out trained/        # 4-10 min on the 2 shared cores
     .venv/bin/python benchmarks/bench_accuracy.py --model-dir trained/
     .venv/bin/python benchmarks/bench_accuracy.py --model-dir trained/ --train   # both
 
@@ -51,6 +53,7 @@ from dlrm_factory import DLRMFactory, _quantize_rows, optimize_for_inference  # 
 logger = logging.getLogger(__name__)
 
 DTYPES = ["fp32", "fp16", "int8", "int4"]
+DEFAULT_SAMPLES = 1_000_000
 DEFAULT_PLOT = os.path.join(REPO, "benchmarks", "plots", "bench_accuracy.png")
 TABLE_KEY = "sparse_arch.embedding_bag_collection.embedding_bags.{}.weight"
 
@@ -68,23 +71,37 @@ class Result:
     seconds: float
 
 
-def held_out_samples(model_dir: str, training: Dict[str, Any], num_samples: int) -> CriteoSamples:
-    """The held-out set the trainer evaluated on: the synthetic HELD_OUT stream, or its TSVs."""
+def held_out_samples(
+    model_dir: str, config: Dict[str, Any], eval_tsv: Optional[List[str]], num_samples: Optional[int]
+) -> CriteoSamples:
+    """``eval_tsv``'s first samples if given; else the held-out set the trainer evaluated on
+    (training.json): the synthetic HELD_OUT stream, or the trainer's --eval-tsv files."""
+    sizes = config["num_embeddings_per_feature"]
+    if eval_tsv:
+        return criteo_data.read_criteo_tsv(eval_tsv, sizes, max_rows=num_samples or DEFAULT_SAMPLES)
+    path = os.path.join(model_dir, "training.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: not found; give the held-out data with --eval-tsv FILE ...")
+    with open(path) as f:
+        training = json.load(f)
+    num_samples = num_samples or training["figures"].get("eval_samples") or DEFAULT_SAMPLES
     data = training["data"]
     if data["source"] == "synthetic":
         world = criteo_data.SyntheticCriteo(data["table_sizes"], seed=data["seed"])
         return world.sample(num_samples, criteo_data.HELD_OUT)
     if not data.get("eval"):
-        raise SystemExit(f"{model_dir}/training.json: trained on TSV without --eval-tsv: nothing held out")
-    with open(os.path.join(model_dir, "model_config.json")) as f:
-        sizes = json.load(f)["num_embeddings_per_feature"]
+        raise SystemExit(f"{path}: trained on TSV without --eval-tsv, nothing held out; give --eval-tsv FILE ...")
     return criteo_data.read_criteo_tsv(data["eval"], sizes, max_rows=num_samples)
 
 
 def float_model(config: Dict[str, Any], checkpoint: str) -> torch.nn.Module:
     """The trained float TorchRec ``DLRM``, unquantized and unsharded."""
     model = train_dlrm.build_train_model(config, seed=0)
-    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    state = torch.load(checkpoint, weights_only=True)
+    if state and all(key.startswith("model.") for key in state):  # DLRMTrain's, as train_dlrm saves
+        model.load_state_dict(state)
+    else:  # a plain DLRM's
+        model.model.load_state_dict(state)
     return model.model.eval()
 
 
@@ -138,12 +155,12 @@ def plot(results: List[Result], oracle_auc: float, float_auc: float, title: str,
     names = ["float"] + [r.quant_dtype for r in served]
     aucs = [float_auc] + [r.auc for r in served]
     left.bar(names, aucs, color=["#555555"] + ["#1f77b4"] * len(served))
+    left.axhline(0.5, color="grey", linewidth=0.8)
     if not math.isnan(oracle_auc):
         left.axhline(oracle_auc, color="green", linestyle="--", label=f"oracle {oracle_auc:.4f}")
-    left.axhline(0.5, color="grey", linewidth=0.8)
+        left.legend(fontsize=8, loc="lower right")
     left.set_ylim(0.5, max(aucs + [0 if math.isnan(oracle_auc) else oracle_auc]) + 0.03)
     left.set_ylabel("held-out AUC")
-    left.legend(fontsize=8, loc="lower right")
     for x, a in enumerate(aucs):
         left.text(x, a + 0.004, f"{a:.4f}", ha="center", fontsize=8)
 
@@ -219,10 +236,13 @@ def tqdm_iter(items: Sequence[Any], desc: str) -> Any:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model-dir", required=True, help="train_dlrm.py's --out: checkpoint.pt, model_config.json, training.json")
+    p.add_argument("--model-dir", required=True,
+                   help="checkpoint.pt and model_config.json (and training.json: train_dlrm.py's --out)")
+    p.add_argument("--eval-tsv", nargs="+", default=None, metavar="FILE",
+                   help="held-out Criteo TSV files (default: the trainer's held-out set, from training.json)")
     p.add_argument("--train", action="store_true", help="run examples/train_dlrm.py --out MODEL_DIR (defaults) first")
     p.add_argument("--samples", type=int, default=None,
-                   help="held-out samples (default: as many as the trainer evaluated on)")
+                   help="held-out samples (default: as many as the trainer evaluated on, or 1,000,000)")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=DTYPES, help="served dtypes to compare")
     p.add_argument("--world-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     p.add_argument("--per-table", default=None, choices=["fp16", "int8", "int4"],
@@ -238,11 +258,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     checkpoint = os.path.join(args.model_dir, "checkpoint.pt")
     with open(os.path.join(args.model_dir, "model_config.json")) as f:
         config = json.load(f)
-    with open(os.path.join(args.model_dir, "training.json")) as f:
-        training = json.load(f)
     keys = config["id_list_features_keys"]
-    num_samples = args.samples or training["figures"].get("eval_samples") or 1_000_000
-    samples = held_out_samples(args.model_dir, training, num_samples)
+    samples = held_out_samples(args.model_dir, config, args.eval_tsv, args.samples)
     print(f"held-out: {len(samples):,} samples, click rate {samples.labels.mean().item():.4f}; "
           f"model: D={config['embedding_dim']}, {len(keys)} tables, {sum(config['num_embeddings_per_feature']):,} rows; "
           f"torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip

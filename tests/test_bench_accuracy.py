@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -75,6 +76,37 @@ def test_fp32_tables_serve_the_float_models_auc(report: Dict[str, Any]) -> None:
     fp32 = next(r for r in results if r.quant_dtype == "fp32" and r.world_size == 1)
     assert fp32.auc == pytest.approx(results[0].auc, abs=1e-6)
     assert fp32.max_score_diff < 1e-5
+
+
+def test_model_trained_elsewhere_is_benchmarked_on_held_out_tsv_files(model_dir: str, tmp_path: Any) -> None:
+    """A plain ``DLRM.state_dict()`` and its config, no training.json: --eval-tsv gives the
+    held-out data; real data has no oracle."""
+    with open(os.path.join(model_dir, "model_config.json")) as f:
+        config = json.load(f)
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "model_config.json").write_text(json.dumps(config))
+    trained = torch.load(os.path.join(model_dir, "checkpoint.pt"), weights_only=True)
+    torch.save({key[len("model.") :]: value for key, value in trained.items()}, own / "checkpoint.pt")
+    # 400 held-out samples written back as Criteo lines (counts exp(x) - 1, ids in hex).
+    held_out = criteo_data.SyntheticCriteo(config["num_embeddings_per_feature"], seed=4).sample(400, criteo_data.HELD_OUT)
+    lines = [
+        "\t".join([str(int(label))] + [str(round(math.expm1(x))) for x in dense] + [format(i, "x") for i in ids])
+        for label, dense, ids in zip(held_out.labels.tolist(), held_out.dense.tolist(), held_out.ids.tolist())
+    ]
+    (tmp_path / "day_23").write_text("\n".join(lines) + "\n")
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = bench_accuracy.main([
+            "--model-dir", str(own), "--eval-tsv", str(tmp_path / "day_23"), "--dtypes", "int8",
+            "--world-sizes", "1", "--plot", str(tmp_path / "plot.png"),
+        ])  # fmt: skip
+    float_model = bench_accuracy.float_model(config, os.path.join(model_dir, "checkpoint.pt"))
+    expected = train_dlrm.predict(float_model, held_out, config["id_list_features_keys"])
+    assert result["results"][0].auc == pytest.approx(train_dlrm.auc(expected, held_out.labels), abs=1e-9)
+    assert result["oracle"] is None
+    assert printed.getvalue().splitlines()[-1].startswith("accuracy: oracle_auc=nan float_auc=")
 
 
 @pytest.mark.parametrize("quant_dtype", ["fp16", "int8", "int4"])
