@@ -87,7 +87,7 @@ def held_out_samples(
     num_samples = num_samples or training["figures"].get("eval_samples") or DEFAULT_SAMPLES
     data = training["data"]
     if data["source"] == "synthetic":
-        world = criteo_data.SyntheticCriteo(data["table_sizes"], seed=data["seed"])
+        world = criteo_data.SyntheticCriteo(table_sizes=data["table_sizes"], seed=data["seed"])
         return world.sample(num_samples, criteo_data.HELD_OUT)
     if not data.get("eval"):
         raise SystemExit(f"{path}: trained on TSV without --eval-tsv, nothing held out; give --eval-tsv FILE ...")

@@ -105,7 +105,7 @@ def build_train_model(config: Dict[str, Any], seed: int) -> DLRMTrain:
             dense_arch_layer_sizes=cfg["dense_arch_layer_sizes"],
             over_arch_layer_sizes=cfg["over_arch_layer_sizes"],
         )
-    return DLRMTrain(dlrm)
+    return DLRMTrain(dlrm_module=dlrm)
 
 
 def make_optimizer(model: DLRMTrain, lr: float) -> CombinedOptimizer:
@@ -113,9 +113,9 @@ def make_optimizer(model: DLRMTrain, lr: float) -> CombinedOptimizer:
     tables = {n: p for n, p in model.named_parameters() if ".embedding_bags." in n}
     dense = {n: p for n, p in model.named_parameters() if ".embedding_bags." not in n}
     return CombinedOptimizer(
-        [
-            ("tables", KeyedOptimizerWrapper(tables, lambda params: RowWiseAdagrad(params, lr=lr))),
-            ("dense", KeyedOptimizerWrapper(dense, lambda params: torch.optim.Adagrad(params, lr=lr))),
+        optims=[
+            ("tables", KeyedOptimizerWrapper(params=tables, optim_factory=lambda ps: RowWiseAdagrad(ps, lr=lr))),
+            ("dense", KeyedOptimizerWrapper(params=dense, optim_factory=lambda ps: torch.optim.Adagrad(ps, lr=lr))),
         ]
     )
 
@@ -263,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if args.eval_tsv:
             held_out = criteo_data.read_criteo_tsv(args.eval_tsv, table_sizes, max_rows=args.eval_samples)
     else:
-        world = SyntheticCriteo(table_sizes, seed=args.seed)
+        world = SyntheticCriteo(table_sizes=table_sizes, seed=args.seed)
         data = {"source": "synthetic", "seed": args.seed, "table_sizes": table_sizes}
         batches = synthetic_batches(world, args.batch_size, num_batches)
         losses, seen = train(model, optimizer, batches, keys, num_batches, progress=not args.no_progress)

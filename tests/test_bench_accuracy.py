@@ -89,7 +89,7 @@ def test_model_trained_elsewhere_is_benchmarked_on_held_out_tsv_files(model_dir:
     trained = torch.load(os.path.join(model_dir, "checkpoint.pt"), weights_only=True)
     torch.save({key[len("model.") :]: value for key, value in trained.items()}, own / "checkpoint.pt")
     # 400 held-out samples written back as Criteo lines (counts exp(x) - 1, ids in hex).
-    held_out = criteo_data.SyntheticCriteo(config["num_embeddings_per_feature"], seed=4).sample(400, criteo_data.HELD_OUT)
+    held_out = criteo_data.SyntheticCriteo(table_sizes=config["num_embeddings_per_feature"], seed=4).sample(400, criteo_data.HELD_OUT)
     lines = [
         "\t".join([str(int(label))] + [str(round(math.expm1(x))) for x in dense] + [format(i, "x") for i in ids])
         for label, dense, ids in zip(held_out.labels.tolist(), held_out.dense.tolist(), held_out.ids.tolist())
@@ -120,7 +120,7 @@ def test_dequantized_rows_score_as_the_served_model(model_dir: str, quant_dtype:
     with torch.no_grad():
         for bag in model.sparse_arch.embedding_bag_collection.embedding_bags.values():
             bag.weight.copy_(bench_accuracy.dequantized(bag.weight, quant_dtype))
-    samples = criteo_data.SyntheticCriteo(config["num_embeddings_per_feature"], seed=4).sample(2048, criteo_data.HELD_OUT)
+    samples = criteo_data.SyntheticCriteo(table_sizes=config["num_embeddings_per_feature"], seed=4).sample(2048, criteo_data.HELD_OUT)
     keys = config["id_list_features_keys"]
     served = DLRMFactory({**config, "quant_dtype": quant_dtype, "device": "cpu", "checkpoint": checkpoint})
     expected = train_dlrm.predict(served, samples, keys)

@@ -91,7 +91,7 @@ def direct_model(config: Dict[str, Any], trained: Dict[str, str]) -> torch.nn.Mo
 @pytest.fixture(scope="module")
 def held_out(config: Dict[str, Any]) -> List[Sample]:
     """Held-out samples of the world the model was trained on, as (dense, bags of one id)."""
-    samples = criteo_data.SyntheticCriteo(config["num_embeddings_per_feature"], seed=SEED).sample(
+    samples = criteo_data.SyntheticCriteo(table_sizes=config["num_embeddings_per_feature"], seed=SEED).sample(
         HELD_OUT, criteo_data.HELD_OUT
     )
     return [(dense, [[i] for i in ids]) for dense, ids in zip(samples.dense.tolist(), samples.ids.tolist())]

@@ -99,12 +99,12 @@ def test_request_from_tsv_lines_sends_preprocessed_dense_and_raw_categorical_val
 
 @pytest.fixture(scope="module")
 def world() -> SyntheticCriteo:
-    return SyntheticCriteo(SMALL_SIZES, seed=3)
+    return SyntheticCriteo(table_sizes=SMALL_SIZES, seed=3)
 
 
 def test_synthetic_samples_are_deterministic_per_seed_and_stream(world: SyntheticCriteo) -> None:
     a = world.sample(1000, criteo_data.TRAIN, 5)
-    b = SyntheticCriteo(SMALL_SIZES, seed=3).sample(1000, criteo_data.TRAIN, 5)
+    b = SyntheticCriteo(table_sizes=SMALL_SIZES, seed=3).sample(1000, criteo_data.TRAIN, 5)
     other = world.sample(1000, criteo_data.TRAIN, 6)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.dense, b.dense) and torch.equal(a.labels, b.labels)
     assert not torch.equal(a.ids, other.ids)
@@ -198,7 +198,7 @@ def test_training_writes_a_checkpoint_and_config_that_the_factory_serves_exactly
     trained.load_state_dict(torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True))
     assert config["id_overflow"] == "hash" and config["num_embeddings_per_feature"] == SMALL_SIZES
     served = DLRMFactory({**config, "quant_dtype": "fp32", "device": "cpu", "checkpoint": os.path.join(out, "checkpoint.pt")})
-    samples = SyntheticCriteo(SMALL_SIZES, seed=3).sample(512, criteo_data.HELD_OUT)
+    samples = SyntheticCriteo(table_sizes=SMALL_SIZES, seed=3).sample(512, criteo_data.HELD_OUT)
     keys = config["id_list_features_keys"]
     expected = train_dlrm.predict(trained.model.eval(), samples, keys)
     got = train_dlrm.predict(served, samples, keys)
