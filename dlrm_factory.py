@@ -531,7 +531,7 @@ def read_checkpoint(path: str, expected: Dict[str, torch.Size]) -> Dict[str, tor
     return state
 
 
-def _quantize_rows(rows: torch.Tensor, quant_dtype: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def quantize_rows(rows: torch.Tensor, quant_dtype: str) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Float rows -> (stored bytes, scale/bias bytes or None), as TorchRec's
     ``quantize_state_dict`` does it (fbgemm's row-wise quantization with float16 scale/bias)."""
     rows = rows.float()
@@ -564,7 +564,7 @@ def quantize_checkpoint_tables(shards: List[Shard], state: Dict[str, torch.Tenso
         for name, row_offset, weights, scale_bias in shards:
             table = state[CHECKPOINT_TABLE_KEY.format(name)]
             for _, start, end in _chunks(row_offset, row_offset + weights.shape[0]):
-                q, sb = _quantize_rows(table[start:end], quant_dtype)
+                q, sb = quantize_rows(table[start:end], quant_dtype)
                 local = slice(start - row_offset, end - row_offset)
                 with torch.inference_mode(inference_mode):
                     weights[local].copy_(q)

@@ -20,7 +20,7 @@ no oracle.
 
 ``--per-table int4`` also finds which tables a dtype hurts: the float model with one table
 at a time replaced by its quantized-then-dequantized rows (the factory's own
-``_quantize_rows``), each table's AUC loss, and the row ranges of the worst tables.
+``quantize_rows``), each table's AUC loss, and the row ranges of the worst tables.
 
 Prints a markdown table; saves a plot (``--plot``); the last line is
 ``accuracy: oracle_auc=A float_auc=F fp16/float=R int8/float=R int4/float=R``.
@@ -48,7 +48,8 @@ for _path in (REPO, EXAMPLES):
 import criteo_data  # noqa: E402
 import train_dlrm  # noqa: E402
 from criteo_data import CriteoSamples  # noqa: E402
-from dlrm_factory import DLRMFactory, _quantize_rows, optimize_for_inference  # noqa: E402
+from dlrm_factory import DLRMFactory, quantize_rows  # noqa: E402
+from dlrm_lean_forward import optimize_for_inference  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def plot(results: List[Result], oracle_auc: float, float_auc: float, title: str,
 def dequantized(rows: torch.Tensor, quant_dtype: str) -> torch.Tensor:
     """``rows`` as the served model reads them: the factory's quantization, then fbgemm's
     dequantization (int8/int4), or the fp16 round trip."""
-    stored, scale_bias = _quantize_rows(rows, quant_dtype)
+    stored, scale_bias = quantize_rows(rows, quant_dtype)
     if scale_bias is None:
         return stored.view(torch.float16 if quant_dtype == "fp16" else torch.float32).float()
     fused = torch.cat([stored, scale_bias], dim=1).contiguous()

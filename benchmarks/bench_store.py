@@ -16,7 +16,9 @@ What runs:
      (``posix_fadvise(DONTNEED)``), and the process placed in a memory cgroup capped at
      ``--memory-limit`` (RAM smaller than the entry: the kernel must evict table pages to
      bring others in). Without a writable memory cgroup the cap is skipped and said so.
-   Every second: samples/s, p99 of the batches' latency, and the entry's resident fraction
+   The batches are an endless stream (never one twice: a repeated set would end its misses
+   after one pass), drawn in chunks outside the timed model calls. Every second: samples/s
+   over the time spent in model calls, p99 of the batches' latency, and the entry's resident fraction
    (``mincore`` of its mapping: pages in the page cache / pages of the file).
 3. A table of the windows and a plot (benchmarks/plots/bench_store.png), then the summary
    line: after warm-up (``--warmup`` seconds), the cold run's median samples/s over the
@@ -24,8 +26,16 @@ What runs:
 
 Ids: for each table of R rows, rank k in 1..R is drawn with probability ~ k^-alpha (alpha =
 1.05 like real click logs; continuous inverse-CDF of the bounded power law), and rank k is
-row (k * m + 12345) mod R with m coprime with R near R/1.618: hot ids scattered over the table as hashed ids are, not
-packed into a few pages. Dense features uniform on [0, 1).
+row (k * m + 12345) mod R with m coprime with R near R/1.618: hot ids scattered over the
+table as hashed ids are, not packed into a few pages. ``--hot-rows first`` puts rank k at
+row k - 1 instead: what a table whose rows were ordered by frequency would see (the store
+keeps TorchRec's row order today; this measures what ordering would buy). Dense features
+uniform on [0, 1).
+
+Why scattered hot rows are hard: a 68 B row costs the page cache a 4 KiB page, so a page
+cache of C bytes holds only the ~C/4096 hottest rows; with alpha = 1.05 the Zipf tail keeps
+~1.4 lookups a sample outside the 0.9M hottest rows (3.4 GiB of pages), and each is a
+random 4 KiB read from disk.
 """
 
 import argparse
@@ -50,20 +60,23 @@ from dlrm_table_store import default_store_dir  # noqa: E402
 PLOT = os.path.join(REPO, "benchmarks", "plots", "bench_store.png")
 POSIX_FADV_DONTNEED = 4
 CGROUP_NAME = "dlrm-bench-store"
+CHUNK_BATCHES = 256  # batches drawn at once (outside the timed model calls)
 
 
 # --- the workload ---------------------------------------------------------------------------
 
 
-def zipf_rows(rng: np.random.Generator, rows: int, count: int, alpha: float) -> np.ndarray:
-    """``count`` row ids of a table of ``rows`` rows: ranks ~ k^-alpha on 1..rows, scattered."""
+def zipf_rows(rng: np.random.Generator, rows: int, count: int, alpha: float, scattered: bool = True) -> np.ndarray:
+    """``count`` row ids of a table of ``rows`` rows: ranks ~ k^-alpha on 1..rows, scattered
+    over the table (hashed ids), or rank k = row k - 1 (``scattered=False``: hot rows first,
+    the layout of a table whose rows are ordered by frequency)."""
     u = rng.random(count)
     if rows == 1:
         return np.zeros(count, dtype=np.int64)
     top = float(rows + 1) ** (1.0 - alpha)
     ranks = np.floor((1.0 + u * (top - 1.0)) ** (1.0 / (1.0 - alpha))).astype(np.int64)
     ranks = np.clip(ranks, 1, rows)
-    return (ranks * scatter_multiplier(rows) + 12345) % rows
+    return (ranks * scatter_multiplier(rows) + 12345) % rows if scattered else ranks - 1
 
 
 def scatter_multiplier(rows: int) -> int:
@@ -75,12 +88,12 @@ def scatter_multiplier(rows: int) -> int:
     return m
 
 
-def make_batches(table_rows: List[int], dense_features: int, batch: int, count: int, alpha: float,
-                 seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(dense [count, batch, N] float32, ids [count, F, batch] int64): key-major per batch."""
-    rng = np.random.default_rng(seed)
+def make_batches(rng: np.random.Generator, table_rows: List[int], dense_features: int, batch: int, count: int,
+                 alpha: float, scattered: bool = True) -> Tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The next ``count`` batches of ``rng``'s stream: (dense [count, batch, N] float32,
+    ids [count, F, batch] int64, key-major per batch)."""
     dense = rng.random((count, batch, dense_features), dtype=np.float32)
-    ids = np.stack([zipf_rows(rng, rows, count * batch, alpha).reshape(count, batch) for rows in table_rows], axis=1)
+    ids = np.stack([zipf_rows(rng, rows, count * batch, alpha, scattered).reshape(count, batch) for rows in table_rows], axis=1)
     return dense, ids
 
 
@@ -168,36 +181,37 @@ def run_workload(args: argparse.Namespace) -> None:
     path = model.table_store_entry["path"]
     print(json.dumps({"event": "mapped", "seconds": time.perf_counter() - started, "path": path,
                       "built": model.table_store_entry["built"], "resident": resident_fraction(path)}), flush=True)  # fmt: skip
-    dense, ids = make_batches(cfg["num_embeddings_per_feature"], cfg["dense_in_features"], args.batch, args.batches, args.alpha)
     keys = cfg["id_list_features_keys"]
     lengths = torch.ones(len(keys) * args.batch, dtype=torch.int64)
+    rng = np.random.default_rng(0)  # the same endless stream in every run: no batch comes twice
     window_start = run_start = time.perf_counter()
     latencies: List[float] = []
-    samples = 0
-    i = 0
     with torch.inference_mode():
         while True:
-            kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(ids[i % args.batches].reshape(-1)), lengths=lengths)
-            t = time.perf_counter()
-            model(torch.from_numpy(dense[i % args.batches]), kjt)
-            now = time.perf_counter()
-            latencies.append(now - t)
-            samples += args.batch
-            i += 1
-            if now - window_start >= 1.0:
-                print(json.dumps({
-                    "event": "window", "t": round(now - run_start, 2), "samples_per_s": samples / (now - window_start),
-                    "p99_ms": float(np.percentile(latencies, 99)) * 1000, "resident": resident_fraction(path),
-                }), flush=True)  # fmt: skip
-                window_start, latencies, samples = now, [], 0
-                if now - run_start >= args.seconds:
-                    break
+            dense, ids = make_batches(rng, cfg["num_embeddings_per_feature"], cfg["dense_in_features"], args.batch,
+                                      CHUNK_BATCHES, args.alpha, scattered=args.hot_rows == "scattered")  # fmt: skip
+            for i in range(CHUNK_BATCHES):
+                kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(ids[i].reshape(-1)), lengths=lengths)
+                t = time.perf_counter()
+                model(torch.from_numpy(dense[i]), kjt)
+                now = time.perf_counter()
+                latencies.append(now - t)
+                if now - window_start >= 1.0:
+                    print(json.dumps({
+                        "event": "window", "t": round(now - run_start, 2),
+                        "samples_per_s": len(latencies) * args.batch / sum(latencies),  # model time only
+                        "p99_ms": float(np.percentile(latencies, 99)) * 1000, "resident": resident_fraction(path),
+                    }), flush=True)  # fmt: skip
+                    window_start, latencies = now, []
+                    if now - run_start >= args.seconds:
+                        return
 
 
 def run_child(args: argparse.Namespace, config: Dict[str, Any], cgroup_procs: Optional[str]) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Run the workload in a fresh process (in the cgroup, if given): (mapped event, windows)."""
     command = [sys.executable, os.path.abspath(__file__), "_run", "--config-json", json.dumps(config), "--store", args.store,
-               "--seconds", str(args.seconds), "--batch", str(args.batch), "--batches", str(args.batches), "--alpha", str(args.alpha)]  # fmt: skip
+               "--seconds", str(args.seconds), "--batch", str(args.batch), "--alpha", str(args.alpha),
+               "--hot-rows", args.hot_rows]  # fmt: skip
 
     def enter_cgroup() -> None:
         if cgroup_procs:
@@ -285,8 +299,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=120, help="length of each run")
     parser.add_argument("--warmup", type=float, default=30, help="seconds before the summary's windows")
     parser.add_argument("--batch", type=int, default=32, help="samples per batch (the served batchSize)")
-    parser.add_argument("--batches", type=int, default=20000, help="distinct batches (cycled)")
     parser.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the ids")
+    parser.add_argument("--hot-rows", choices=["scattered", "first"], default="scattered",
+                        help="where the hot ids are: scattered over each table (hashed ids, the default), or the "
+                             "first rows (what ordering a table's rows by frequency would give)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small tables, 20 s runs: a smoke test")
     parser.add_argument("--plot", default=PLOT)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -303,12 +319,12 @@ def main() -> None:
     config["device"] = "cpu"
     if args.quick:
         config["num_embeddings_per_feature"] = [min(rows, 200_000) for rows in config["num_embeddings_per_feature"]]
-        args.seconds, args.warmup, args.batches, args.memory_limit = 20, 5, 2000, args.memory_limit if "--memory-limit" in sys.argv else "1G"
+        args.seconds, args.warmup, args.memory_limit = 20, 5, args.memory_limit if "--memory-limit" in sys.argv else "1G"
     config.pop("table_store", None)
     limit = parse_size(args.memory_limit)
 
     print(f"== entry for {args.config}{' (quick: tables capped at 200,000 rows)' if args.quick else ''} in {args.store}", flush=True)
-    mapped, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0, "batches": 1}), config, None)
+    mapped, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None)
     path = mapped["path"]
     size = os.path.getsize(path)
     print(f"   {path}: {size / 1e9:.2f} GB ({'built' if mapped['built'] else 'found'} in {mapped['seconds']:.1f} s)", flush=True)
@@ -327,7 +343,8 @@ def main() -> None:
     table = markdown(resident, cold, every)
     summary = summarize(resident, cold, args.warmup)
     print(table)
-    title = (f"{os.path.basename(path)} ({size / 1e9:.1f} GB), Zipf alpha {args.alpha}, batch {args.batch}, 1 thread; "
+    title = (f"{os.path.basename(path)} ({size / 1e9:.1f} GB), Zipf alpha {args.alpha} ({args.hot_rows} hot rows), "
+             f"batch {args.batch}, 1 thread; "
              f"cold run: {how.split(' (')[0]}")  # fmt: skip
     plot(resident, cold, title, args.warmup, args.plot)
     print(f"plot: {args.plot}")

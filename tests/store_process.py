@@ -15,8 +15,8 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import conftest  # noqa: E402,F401  (the repo and scripts/ on the path, as in the tests)
 
 from dlrm_factory import DLRMFactory, resolve_model_config  # noqa: E402
 from serving import direct_scores, random_samples  # noqa: E402

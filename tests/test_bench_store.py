@@ -50,3 +50,9 @@ def test_residency_is_read_from_the_page_cache(tmp_path: Any) -> None:
     assert bench_store.resident_fraction(path) == 1.0
     bench_store.drop_from_page_cache(path)
     assert bench_store.resident_fraction(path) < 0.1
+
+
+def test_hot_rows_first_puts_rank_k_at_row_k_minus_1() -> None:
+    ids = bench_store.zipf_rows(np.random.default_rng(2), 1_000_000, 100_000, alpha=1.05, scattered=False)
+    counts = np.bincount(ids, minlength=1_000_000)
+    assert counts.argmax() == 0 and counts[0] > counts[1] > counts[5] > counts[100]

@@ -37,6 +37,7 @@ from conftest import REPO, SMALL_TABLE_SIZES, small_model_config
 from dlrm_factory import DLRMFactory
 from load import Outcome, expected_scores, matches, mixed_requests, send, twins
 from serving import READY_TIMEOUT_S, TorchServe, read_properties, torchserve_fixture
+from torchserve_process import http_request
 
 CONFIG = small_model_config(max_samples_per_request=64)
 KEYS = [f"cat_{f}" for f in range(len(SMALL_TABLE_SIZES))]
@@ -124,6 +125,10 @@ def test_killed_worker_costs_only_its_batch_and_comes_back_with_identical_answer
 ) -> None:
     server, model = torchserve, "dlrm_fault"
     url = f"{server.inference}/predictions/{model}"
+    # One worker (model-config.yaml ships 2): its batch is the one lost, its restart the wait.
+    status, body = http_request("PUT", f"{server.management}/models/{model}?min_worker=1&max_worker=1")
+    assert status in (200, 202), body
+    server.wait_until("one worker", lambda: len(server.workers(model)) == 1, READY_TIMEOUT_S)
     load = mixed_requests(random.Random(9), 64, SMALL_TABLE_SIZES)
     expected = expected_scores(direct_model, KEYS, load)
     bodies = [r.body for r in load]
