@@ -459,7 +459,7 @@ def open_or_build(
                 os.unlink(temp)
             raise
         _fsync_dir(store_dir)
-        entry = open_entry(path, digest, full=True)
+        entry = open_entry(path, digest)  # the checks every later open makes (its CRCs were just computed)
         logger.info("table store: built %s (%.2f GB) in %.1f s", path, os.path.getsize(path) / 1e9, time.perf_counter() - started)
         return entry._replace(built=True)
 
