@@ -388,6 +388,15 @@ def shard_tables(
 # ---------------------------------------------------------------------------------------
 
 
+def _sharded_tbes(model: nn.Module) -> Dict[Any, Any]:
+    """{TBE: its TorchRec grouped config} of every sharded quant EBC in ``model``."""
+    tbes: Dict[Any, Any] = {}
+    for module in model.modules():
+        if isinstance(module, ShardedQuantEmbeddingBagCollection):
+            tbes.update(module.tbes_configs())
+    return tbes
+
+
 # A table shard to write: (table name, its first row in the table, rows [R, stored bytes],
 # scale/bias rows [R, 4] or None).
 Shard = Tuple[str, int, torch.Tensor, Optional[torch.Tensor]]
@@ -398,20 +407,17 @@ def _table_shards(model: nn.Module) -> Iterator[Shard]:
 
     The tensors are views into the TBE buffers that serve lookups: writing them fills the
     model."""
-    for module in model.modules():
-        if not isinstance(module, ShardedQuantEmbeddingBagCollection):
-            continue
-        for tbe, grouped_config in module.tbes_configs().items():
-            for (weights, scale_bias), spec, table in zip(
-                tbe.split_embedding_weights(split_scale_shifts=True),
-                tbe.embedding_specs,
-                grouped_config.embedding_tables,
-            ):
-                assert spec[0] == table.name, (spec[0], table.name)
-                row_offset, col_offset = table.local_metadata.shard_offsets
-                if col_offset != 0:
-                    raise NotImplementedError("column-wise shards are not supported")
-                yield table.name, row_offset, weights, scale_bias
+    for tbe, grouped_config in _sharded_tbes(model).items():
+        for (weights, scale_bias), spec, table in zip(
+            tbe.split_embedding_weights(split_scale_shifts=True),
+            tbe.embedding_specs,
+            grouped_config.embedding_tables,
+        ):
+            assert spec[0] == table.name, (spec[0], table.name)
+            row_offset, col_offset = table.local_metadata.shard_offsets
+            if col_offset != 0:
+                raise NotImplementedError("column-wise shards are not supported")
+            yield table.name, row_offset, weights, scale_bias
 
 
 def _chunks(row_start: int, row_end: int) -> Iterator[Tuple[int, int, int]]:
@@ -559,17 +565,15 @@ def copy_dense_weights(model: nn.Module, state: Dict[str, torch.Tensor]) -> None
 def quantize_checkpoint_tables(shards: List[Shard], state: Dict[str, torch.Tensor], quant_dtype: str) -> None:
     """The checkpoint's float tables quantized chunk by chunk into ``shards``."""
     total = sum(w.shape[0] * w.shape[1] for _, _, w, _ in shards)
-    inference_mode = torch.is_inference_mode_enabled()
     with torch.no_grad(), _progress(total, "quantizing checkpoint tables") as bar:
         for name, row_offset, weights, scale_bias in shards:
             table = state[CHECKPOINT_TABLE_KEY.format(name)]
             for _, start, end in _chunks(row_offset, row_offset + weights.shape[0]):
                 q, sb = quantize_rows(table[start:end], quant_dtype)
                 local = slice(start - row_offset, end - row_offset)
-                with torch.inference_mode(inference_mode):
-                    weights[local].copy_(q)
-                    if scale_bias is not None:
-                        scale_bias[local].copy_(sb)
+                weights[local].copy_(q)
+                if scale_bias is not None:
+                    scale_bias[local].copy_(sb)
                 bar.update(q.numel())
 
 
@@ -598,15 +602,6 @@ def fill_tables(model: nn.Module, cfg: Dict[str, Any], eb_configs: List[Embeddin
 # ---------------------------------------------------------------------------------------
 # Steps 6-7 through a table store: the shards are a file's pages, built once.
 # ---------------------------------------------------------------------------------------
-
-
-def _sharded_tbes(model: nn.Module) -> Dict[Any, Any]:
-    """{TBE: its TorchRec grouped config} of every sharded quant EBC in ``model``."""
-    tbes: Dict[Any, Any] = {}
-    for module in model.modules():
-        if isinstance(module, ShardedQuantEmbeddingBagCollection):
-            tbes.update(module.tbes_configs())
-    return tbes
 
 
 def store_key(cfg: Dict[str, Any], plan: ShardingPlan, compute_device: str) -> Dict[str, Any]:

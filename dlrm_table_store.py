@@ -242,8 +242,9 @@ def _blocks(length: int) -> List[Tuple[int, int]]:
     return [(start, min(length, start + BLOCK_BYTES)) for start in range(0, length, BLOCK_BYTES)] or [(0, 0)]
 
 
-def _crc(buffer: torch.Tensor, start: int, end: int) -> str:
-    return f"{zlib.crc32(buffer[start:end].numpy()) & 0xFFFFFFFF:08x}"
+def _crc(data: Any) -> str:
+    """CRC-32 of a bytes-like object (bytes, a numpy array), as 8 hex digits."""
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
 def _checked_blocks(crcs: Dict[str, List[str]], full: bool) -> List[Tuple[str, int]]:
@@ -262,20 +263,23 @@ def verify_blocks(path: str, offsets: Dict[str, Tuple[int, int]], crcs: Dict[str
     through the mapping: sequential reads get the kernel's readahead, and the mapping is
     left to the lookups' random access (``MADV_RANDOM``)."""
     checks = _checked_blocks(crcs, full)
+    fd = os.open(path, os.O_RDONLY)
 
     def check(block: Tuple[str, int]) -> Optional[str]:
         name, i = block
         first, end = offsets[name]
         start, stop = _blocks(end - first)[i]
-        with open(path, "rb", buffering=0) as f:
-            data = os.pread(f.fileno(), stop - start, first + start)
-        found = f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+        data = os.pread(fd, stop - start, first + start)
+        found = _crc(data)
         if len(data) != stop - start or found != crcs[name][i]:
             return f"{name} bytes [{start}, {stop}): CRC-32 {found}, header says {crcs[name][i]}"
         return None
 
-    with ThreadPoolExecutor(VERIFY_THREADS) as pool:  # reads and zlib release the GIL
-        return next((bad for bad in pool.map(check, checks) if bad), None)
+    try:
+        with ThreadPoolExecutor(VERIFY_THREADS) as pool:  # pread and zlib release the GIL
+            return next((bad for bad in pool.map(check, checks) if bad), None)
+    finally:
+        os.close(fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -375,7 +379,7 @@ def write_entry(path: str, digest: str, key: Dict[str, Any], layouts: List[Dict[
             mapped.flush()
             with ThreadPoolExecutor(VERIFY_THREADS) as pool:
                 crcs = {
-                    f"tbe{k}": list(pool.map(lambda block, b=buffer: _crc(b, *block), _blocks(buffer.numel())))
+                    f"tbe{k}": list(pool.map(lambda block, b=buffer: _crc(b[block[0] : block[1]].numpy()), _blocks(buffer.numel())))
                     for k, buffer in enumerate(buffers)
                 }
             del data, buffers  # no view may outlive the mapping
