@@ -18,8 +18,8 @@ config.properties and model-config.yaml):
    for each count of ``--workers`` (scaled with the management API). The rule of the issue:
    the workers' PSS summed <= 1.15 x table bytes + N GiB.
 4. **Restart**: under load (``--connections`` clients sending random one-sample requests),
-   ``kill -9`` of one worker; seconds until the new worker is READY and until the first 200
-   answered after the kill, what the in-flight requests got, and a probe request's score
+   ``kill -9`` of one worker; seconds until the new worker is READY and until the first
+   request sent after the kill is answered 200, what the requests in flight got, and a probe request's score
    before and after (bit-identical expected).
 """
 
@@ -36,10 +36,10 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path[:0] = [os.path.join(REPO, "tests"), os.path.join(REPO, "scripts"), REPO]
 
 from dlrm_table_store import default_store_dir  # noqa: E402
+from load import Outcome, send  # noqa: E402
 from torchserve_process import TorchServe, http_request, read_properties  # noqa: E402
 
 GiB = 2**30
@@ -70,27 +70,25 @@ def random_request(rng: random.Random, sizes: List[int]) -> bytes:
 
 
 class Load:
-    """``connections`` threads posting random one-sample requests until stopped; every answer
-    recorded as (time it came back, status)."""
+    """``connections`` clients sending random one-sample requests until stopped, through
+    the tests' load sender (``tests/load.py``'s ``send``, as soak.py uses it); ``outcomes``
+    fills as answers come back."""
 
     def __init__(self, url: str, sizes: List[int], connections: int) -> None:
-        self.url, self.sizes = url, sizes
-        self.answers: List[Tuple[float, int]] = []
-        self.running = True
-        self.threads = [threading.Thread(target=self.client, args=(k,), daemon=True) for k in range(connections)]
-        for thread in self.threads:
-            thread.start()
+        rng = random.Random(0)
+        bodies = [random_request(rng, sizes) for _ in range(2000)]
+        self.outcomes: List[Outcome] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=send, args=(url, bodies, connections, 120, self.stopped, self.outcomes), daemon=True)
+        self.thread.start()
 
-    def client(self, k: int) -> None:
-        rng = random.Random(k)
-        while self.running:
-            status, _ = http_request("POST", self.url, random_request(rng, self.sizes), timeout=120)
-            self.answers.append((time.monotonic(), status))
+    def answers(self) -> List[Tuple[float, float, Optional[int]]]:
+        """(when it was sent, when it came back, HTTP status) of every request so far."""
+        return [(o.started, o.ended, o.status) for o in list(self.outcomes)]
 
     def stop(self) -> None:
-        self.running = False
-        for thread in self.threads:
-            thread.join(timeout=130)
+        self.stopped.set()
+        self.thread.join(timeout=130)
 
 
 def memory_of(pid: int) -> Dict[str, float]:
@@ -130,7 +128,7 @@ def measure_start(workdir: str, model_store: str, store: str) -> Dict[str, Any]:
         ready = time.monotonic() - started
         score = probe_score(ts)
         answered = time.monotonic() - started
-        (pid,) = ready_pids(ts)
+        pid = ready_pids(ts)[0]  # model-config.yaml may start several: the memory of one
         return {"ready_s": ready, "first_answer_s": answered, "score": score, **memory_of(pid)}
     finally:
         ts.stop()
@@ -154,8 +152,8 @@ def measure_workers_and_restart(args: argparse.Namespace, workdir: str, model_st
             load.stop()
             memory = {pid: memory_of(pid) for pid in pids}
             pss = sum(m["Pss"] for m in memory.values())
-            rows.append({"workers": count, "scaled_s": scaled, "answers": len(load.answers),
-                         "rps": len(load.answers) / args.load_seconds,
+            answered = len(load.answers())
+            rows.append({"workers": count, "scaled_s": scaled, "answers": answered, "rps": answered / args.load_seconds,
                          "pss_sum": pss, "bound": 1.15 * table_gib + count, "anon_max": max(m["Anonymous"] for m in memory.values()),
                          "rss_max": max(m["Rss"] for m in memory.values())})  # fmt: skip
             print(f"   {count} worker(s): READY {scaled:.1f} s after the scale request; PSS summed {pss:.2f} GiB "
@@ -172,15 +170,16 @@ def measure_workers_and_restart(args: argparse.Namespace, workdir: str, model_st
         wait_workers(ts, 1, exclude=(victim,))
         ready = time.monotonic() - killed
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(t > killed and s == 200 for t, s in list(load.answers)):
+        while time.monotonic() < deadline and not any(sent > killed and s == 200 for sent, _, s in load.answers()):
             time.sleep(0.05)
         time.sleep(2)
         load.stop()
-        after_kill = [(t - killed, s) for t, s in load.answers if t > killed]
-        first_ok = min((t for t, s in after_kill if s == 200), default=float("nan"))
+        # The first request sent after the kill that was answered, and what those already in
+        # flight got (answers that came back after the kill).
+        first_ok = min((back - killed for sent, back, s in load.answers() if sent > killed and s == 200), default=float("nan"))
         failed = {}
-        for _, s in after_kill:
-            if s != 200:
+        for _, back, s in load.answers():
+            if back > killed and s != 200:
                 failed[s] = failed.get(s, 0) + 1
         after = probe_score(ts)
         restart = {"ready_s": ready, "first_200_s": first_ok, "failed": failed, "identical": before == after,
