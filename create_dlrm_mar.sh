@@ -53,12 +53,13 @@ trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/files" "$STAGE/tmp"
 
 # Validate the config (never builds the model) and stage it as model_config.json, its
-# checkpoint pointing at the packaged checkpoint.pt. A checkpoint named only in the config
-# is packaged too. Prints the checkpoint to package, or nothing.
+# checkpoint pointing at the packaged checkpoint.pt (with its sha256 beside it). A checkpoint
+# named only in the config is packaged too. Prints the checkpoint to package, or nothing.
 CHECKPOINT="$("$PYTHON" -c '
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
 from dlrm_factory import read_config_source, resolve_model_config
+from dlrm_table_store import check_served_path, file_sha256
 config_path, checkpoint, staged = sys.argv[2:5]
 try:
     config = read_config_source(config_path)
@@ -68,29 +69,22 @@ if checkpoint:
     config["checkpoint"] = checkpoint
 try:
     resolve_model_config(config)
+    check_served_path(config.get("table_store"))
 except ValueError as e:  # names the key, the value and the fix
     sys.exit(f"{config_path}: {e}")
-store = config.get("table_store")
-if isinstance(store, str) and not os.path.isabs(os.path.expanduser(store)):
-    sys.exit(f"{config_path}: model config: \x27table_store\x27 is {store!r}; expected an absolute path "
-             "(a worker runs in the unpacked .mar\x27s temporary folder), or null and DLRM_TABLE_STORE when served")
 checkpoint = config.get("checkpoint") or ""
 config["checkpoint"] = "checkpoint.pt" if checkpoint else None
 with open(staged, "w") as f:
     json.dump(config, f, indent=2)
+if checkpoint:  # its identity in the table store key, so workers need not hash it
+    with open(os.path.join(os.path.dirname(staged), "checkpoint.pt.sha256"), "w") as f:
+        f.write(f"{file_sha256(checkpoint)}  checkpoint.pt\n")
 print(os.path.abspath(checkpoint) if checkpoint else "")
 ' "$HERE" "$CONFIG" "$CHECKPOINT" "$STAGE/files/model_config.json")"
 # TorchServe puts the .mar's files on the worker's path.
 cp "$HERE/dlrm_request.py" "$HERE/dlrm_table_store.py" "$HERE/dlrm_lean_forward.py" "$STAGE/files/"
 if [[ -n "$CHECKPOINT" ]]; then
   ln -s "$CHECKPOINT" "$STAGE/files/checkpoint.pt"  # the archiver copies what it points to
-  "$PYTHON" -c '
-import sys
-sys.path.insert(0, sys.argv[1])
-from dlrm_table_store import file_sha256
-with open(sys.argv[2] + ".sha256", "w") as f:
-    f.write(f"{file_sha256(sys.argv[2])}  checkpoint.pt\n")
-' "$HERE" "$STAGE/files/checkpoint.pt"
 fi
 
 if [[ -n "$TABLE_STORE" ]]; then

@@ -91,31 +91,15 @@ def read_served_config(model_dir: str) -> Dict[str, Any]:
     """The resolved config of the ``.mar`` unpacked at ``model_dir``: its ``model_config.json``,
     with ``checkpoint`` set to the packaged ``checkpoint.pt`` when there is one (a relative
     checkpoint path is taken relative to ``model_dir``) and ``table_store`` set to where
-    this worker keeps the tables (``served_table_store``)."""
+    this worker keeps the tables (``dlrm_table_store.served_store_dir``)."""
     config = read_config_source(os.path.join(model_dir, CONFIG_FILE))
     packaged = os.path.join(model_dir, CHECKPOINT_FILE)
     if os.path.isfile(packaged):
         config["checkpoint"] = packaged
     elif isinstance(config.get("checkpoint"), str):
         config["checkpoint"] = os.path.join(model_dir, config["checkpoint"])
-    config["table_store"] = served_table_store(config.get("table_store"))
+    config["table_store"] = table_store.served_store_dir(config.get("table_store"))
     return resolve_model_config(config)
-
-
-def served_table_store(configured: Any) -> Any:
-    """The table store a worker serves from: ``$DLRM_TABLE_STORE`` if set (the deployment's
-    say: a KServe volume; ``off``: none), else the config's ``table_store``, else
-    ``~/.cache/dlrm/table_store`` (``dlrm_table_store.default_store_dir``). A relative
-    configured path is refused: the worker runs in the unpacked .mar's temporary folder,
-    which is gone at the next start."""
-    if table_store.STORE_ENV in os.environ or configured is None:
-        return table_store.default_store_dir()
-    if isinstance(configured, str) and not os.path.isabs(os.path.expanduser(configured)):
-        raise ValueError(
-            f"model config: 'table_store' is {configured!r}; expected an absolute path when served "
-            "(the worker runs in the unpacked .mar's temporary folder), or set DLRM_TABLE_STORE"
-        )
-    return os.path.expanduser(configured) if isinstance(configured, str) else configured
 
 
 def serving_threads(model_yaml_config: Dict[str, Any]) -> int:

@@ -490,6 +490,26 @@ def default_store_dir() -> Optional[str]:
     return os.path.join(cache, "dlrm", "table_store")
 
 
+def check_served_path(configured: Any) -> None:
+    """A served config's ``table_store`` must be absolute: a worker runs in the unpacked .mar's
+    temporary folder, which is gone at its next start. Raises ValueError naming the key."""
+    if isinstance(configured, str) and not os.path.isabs(os.path.expanduser(configured)):
+        raise ValueError(
+            f"model config: 'table_store' is {configured!r}; expected an absolute path when served "
+            "(a worker runs in the unpacked .mar's temporary folder), or null and DLRM_TABLE_STORE"
+        )
+
+
+def served_store_dir(configured: Any) -> Optional[str]:
+    """The table store a serving worker uses: ``$DLRM_TABLE_STORE`` if set (the deployment's
+    say: a KServe volume; ``off``: none), else the config's ``table_store`` (absolute:
+    ``check_served_path``), else ``default_store_dir()``."""
+    if STORE_ENV in os.environ or configured is None:
+        return default_store_dir()
+    check_served_path(configured)
+    return os.path.expanduser(configured)
+
+
 def file_sha256(path: str) -> str:
     """sha256 of a file's bytes, e.g. a checkpoint's identity in a key. A ``<path>.sha256``
     next to it (``sha256sum``'s format: create_dlrm_mar.sh writes one into the .mar) is

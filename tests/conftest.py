@@ -2,7 +2,7 @@
 
 import os
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import pytest
 
@@ -29,6 +29,19 @@ def small_model_config(**overrides: Any) -> Dict[str, Any]:
     )
     config.update(overrides)
     return config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_table_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Handlers built by the tests keep their table store in a temp dir, not the user's
+    ~/.cache/dlrm/table_store (DLRM_TABLE_STORE; servers get their own, tests/serving.py)."""
+    previous = os.environ.get("DLRM_TABLE_STORE")
+    os.environ["DLRM_TABLE_STORE"] = store = str(tmp_path_factory.mktemp("table_store"))
+    yield store
+    if previous is None:
+        os.environ.pop("DLRM_TABLE_STORE", None)
+    else:
+        os.environ["DLRM_TABLE_STORE"] = previous
 
 
 @pytest.fixture

@@ -93,6 +93,19 @@ class TorchServe(torchserve_process.TorchServe):
     """A private TorchServe (scripts/torchserve_process.py) that counts the handler's runs.
     Its waits raise ``TorchServeError`` with the server's logs: in a test, a failure."""
 
+    def model_log(self, text: str = "", count: int = 1, timeout: float = 30) -> str:
+        """The workers' log (model_log.log) once it holds ``text`` at least ``count`` times:
+        the frontend writes a worker's lines a little after the worker said them, so a line
+        said before READY may land after it."""
+        path = os.path.join(self.log_dir, "model_log.log")
+
+        def read() -> str:
+            with open(path, errors="replace") as f:
+                return f.read()
+
+        self.wait_until(f"{count} x {text!r} in model_log.log", lambda: read().count(text) >= count, timeout)
+        return read()
+
     def handler_calls(self, model: str) -> int:
         """How many times the handler ran for ``model``: TorchServe logs one HandlerTime
         metric per ``handle`` call (metrics_mode log, the default)."""

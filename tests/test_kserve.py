@@ -178,8 +178,7 @@ def kserve_tree(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_make_kserve_prebuilds_the_table_store_entry_the_worker_maps(kserve_tree: str, torchserve: TorchServe) -> None:
     (entry,) = [name for name in os.listdir(os.path.join(kserve_tree, "table_store")) if name.endswith(".safetensors")]
-    with open(os.path.join(torchserve.log_dir, "model_log.log"), errors="replace") as f:
-        log = f.read()
+    log = torchserve.model_log(f"table store: mapped {os.path.join(kserve_tree, 'table_store', entry)}")
     assert f"table store: mapped {os.path.join(kserve_tree, 'table_store', entry)}" in log
     assert "table store: built" not in log
 

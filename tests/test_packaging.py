@@ -3,6 +3,7 @@ request contract it imports), the factory, the config as model_config.json, the 
 any as checkpoint.pt and the per-model YAML - and no weights, so the default .mar stays
 under 1 MiB."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -68,6 +69,15 @@ def test_mar_holds_handler_factory_config_and_yaml_and_nothing_else(default_mar:
     assert "startupTimeout: 600" in yaml_text
 
 
+def test_a_relative_table_store_is_refused_before_packaging(tmp_path: Any) -> None:
+    config = tmp_path / "relative.json"
+    config.write_text(json.dumps(small_model_config(table_store="store")))
+    result = create_mar("--config", str(config), "--export-path", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "'table_store' is 'store'; expected an absolute path when served" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_invalid_config_fails_before_packaging_with_the_factorys_message(tmp_path: Any) -> None:
     config = tmp_path / "typo.json"
     config.write_text(json.dumps({"embeding_dim": 16}))
@@ -96,6 +106,9 @@ def test_checkpoint_is_packaged_and_served_by_the_handler(tmp_path: Any) -> None
         assert "checkpoint.pt" in mar.namelist()
         mar.extractall(unpacked)
     assert json.loads((unpacked / "model_config.json").read_text())["checkpoint"] == "checkpoint.pt"
+    # its identity for the table store key, so that a worker need not hash it
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert (unpacked / "checkpoint.pt.sha256").read_text() == f"{digest}  checkpoint.pt\n"
 
     handler = TorchRecDLRMHandler()
     handler.initialize(stand_in_context(str(unpacked), 0))

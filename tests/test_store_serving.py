@@ -23,11 +23,6 @@ WORKERS = 2
 READY_TIMEOUT_S = 120
 
 
-def model_log(server: TorchServe) -> str:
-    with open(os.path.join(server.log_dir, "model_log.log"), errors="replace") as f:
-        return f.read()
-
-
 def ready_workers(server: TorchServe) -> List[Dict[str, Any]]:
     return [w for w in server.workers("dlrm") if w.get("status") == "READY"]
 
@@ -78,7 +73,7 @@ def scores(server: TorchServe) -> List[float]:
 
 
 def test_the_workers_map_the_prebuilt_entry_instead_of_building_it(torchserve: TorchServe, store: str) -> None:
-    log = model_log(torchserve)
+    log = torchserve.model_log(f"table store: mapped {entry_of(store)}", count=WORKERS)
     assert log.count(f"table store: mapped {entry_of(store)}") == WORKERS
     assert "table store: built" not in log
 
@@ -101,7 +96,7 @@ def test_a_killed_worker_is_replaced_by_one_that_maps_the_entry_and_answers_iden
 ) -> None:
     before = scores(torchserve)
     victim = int(ready_workers(torchserve)[0]["pid"])
-    mapped_before = model_log(torchserve).count("table store: mapped")
+    mapped_before = torchserve.model_log().count("table store: mapped")
 
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 30
@@ -109,6 +104,7 @@ def test_a_killed_worker_is_replaced_by_one_that_maps_the_entry_and_answers_iden
         time.sleep(0.2)
     wait_for_workers(torchserve, WORKERS, exclude=victim)
 
-    assert model_log(torchserve).count("table store: mapped") == mapped_before + 1
-    assert "table store: built" not in model_log(torchserve)
+    log = torchserve.model_log("table store: mapped", count=mapped_before + 1)
+    assert log.count("table store: mapped") == mapped_before + 1
+    assert "table store: built" not in log
     assert scores(torchserve) == before

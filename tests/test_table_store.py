@@ -73,6 +73,26 @@ def result_of(process: subprocess.Popen) -> Dict[str, Any]:
     return json.loads(line)
 
 
+# --- where serving keeps its store ---------------------------------------------------------
+
+
+def test_a_serving_worker_takes_the_environments_store_then_the_configs_then_the_cache(monkeypatch: Any) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", "/var/cache/x")
+    monkeypatch.delenv("DLRM_TABLE_STORE", raising=False)
+    assert dlrm_table_store.served_store_dir(None) == "/var/cache/x/dlrm/table_store"
+    assert dlrm_table_store.served_store_dir("/srv/store") == "/srv/store"
+    monkeypatch.setenv("DLRM_TABLE_STORE", "/mnt/models/table_store")  # the deployment's say wins
+    assert dlrm_table_store.served_store_dir("/srv/store") == "/mnt/models/table_store"
+    monkeypatch.setenv("DLRM_TABLE_STORE", "off")
+    assert dlrm_table_store.served_store_dir("/srv/store") is None
+
+
+def test_a_served_relative_table_store_is_refused_naming_the_key(monkeypatch: Any) -> None:
+    monkeypatch.delenv("DLRM_TABLE_STORE", raising=False)
+    with pytest.raises(ValueError, match=r"'table_store' is 'store'; expected an absolute path when served"):
+        dlrm_table_store.served_store_dir("store")
+
+
 # --- same bytes, store on or off ---------------------------------------------------------
 
 STORE_CASES = [
