@@ -3,8 +3,9 @@
 # request contract the handler imports), dlrm_factory.py, dlrm_table_store.py,
 # dlrm_lean_forward.py (the CPU forward the handler serves with), the config (as
 # model_config.json), the checkpoint if any (as checkpoint.pt, with its sha256 as
-# checkpoint.pt.sha256: the table store's key, so workers need not read 45 GB to compute it)
-# and model-config.yaml. No weights without a checkpoint: the worker builds the tables at its
+# checkpoint.pt.sha256: the table store's key, so workers need not read 45 GB to compute it),
+# the config's id counts if any (as id_counts.safetensors, with its sha256: the order of an
+# ordered entry, dlrm_row_order.py) and model-config.yaml. No weights without a checkpoint: the worker builds the tables at its
 # first start into its table store, or maps them from there.
 #
 # --table-store DIR builds the config's table store entry into DIR now, on this machine
@@ -74,6 +75,13 @@ except ValueError as e:  # names the key, the value and the fix
     sys.exit(f"{config_path}: {e}")
 checkpoint = config.get("checkpoint") or ""
 config["checkpoint"] = "checkpoint.pt" if checkpoint else None
+counts = config.get("id_counts") or ""
+config["id_counts"] = "id_counts.safetensors" if counts else None
+if counts:  # an ordered entry: the counts packaged, their sha256 beside them (the key)
+    packaged = os.path.join(os.path.dirname(staged), "id_counts.safetensors")
+    os.symlink(os.path.abspath(counts), packaged)
+    with open(f"{packaged}.sha256", "w") as f:
+        f.write(f"{file_sha256(counts)}  id_counts.safetensors\n")
 with open(staged, "w") as f:
     json.dump(config, f, indent=2)
 if checkpoint:  # its identity in the table store key, so workers need not hash it
@@ -82,7 +90,7 @@ if checkpoint:  # its identity in the table store key, so workers need not hash 
 print(os.path.abspath(checkpoint) if checkpoint else "")
 ' "$HERE" "$CONFIG" "$CHECKPOINT" "$STAGE/files/model_config.json")"
 # TorchServe puts the .mar's files on the worker's path.
-cp "$HERE/dlrm_request.py" "$HERE/dlrm_table_store.py" "$HERE/dlrm_lean_forward.py" "$STAGE/files/"
+cp "$HERE/dlrm_request.py" "$HERE/dlrm_table_store.py" "$HERE/dlrm_lean_forward.py" "$HERE/dlrm_row_order.py" "$STAGE/files/"
 if [[ -n "$CHECKPOINT" ]]; then
   ln -s "$CHECKPOINT" "$STAGE/files/checkpoint.pt"  # the archiver copies what it points to
 fi
@@ -99,6 +107,8 @@ with open(os.path.join(staged, "model_config.json")) as f:
     config = json.load(f)
 if config.get("checkpoint"):
     config["checkpoint"] = os.path.join(staged, "checkpoint.pt")
+if config.get("id_counts"):
+    config["id_counts"] = os.path.join(staged, config["id_counts"])
 entry = DLRMFactory({**config, "table_store": store}).table_store_entry
 print("table store:", entry["path"], "(built)" if entry["built"] else "(already there)")
 ' "$HERE" "$STAGE/files" "$TABLE_STORE"

@@ -75,6 +75,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from tqdm import tqdm
 
+import dlrm_row_order as row_order
 import dlrm_table_store as table_store
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ def create_default_model_config() -> Dict[str, Any]:
         "max_samples_per_request": 1024,
         "table_store": None,
         "response_format": "dlrm",
+        "id_counts": None,
     }
 
 
@@ -177,6 +179,22 @@ def _check_positive_int_list(config: Dict[str, Any], key: str, min_len: int) -> 
 def _check_choice(config: Dict[str, Any], key: str, choices: Any) -> None:
     if config[key] not in choices:
         _fail(key, config[key], "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_id_counts(cfg: Dict[str, Any]) -> None:
+    """``id_counts``: null, or an id counts file of exactly this config's tables (its header:
+    the ids themselves are checked when an entry is built from it)."""
+    counts = cfg["id_counts"]
+    if counts is None:
+        return
+    if not (isinstance(counts, str) and os.path.isfile(counts)):
+        _fail("id_counts", counts, "null or the path of an existing id counts file (dlrm_row_order.py)")
+    if cfg["sharding_type"] == "row_wise":
+        _fail("id_counts", counts, "null with sharding_type 'row_wise' (an ordered entry keeps whole tables: use 'table_wise')")
+    try:
+        row_order.check_counts(counts, cfg["id_list_features_keys"], cfg["num_embeddings_per_feature"], full=False)
+    except ValueError as e:
+        raise ValueError(f"model config: 'id_counts': {e}") from None
 
 
 def read_config_source(config: Union[Dict[str, Any], str, os.PathLike, None]) -> Dict[str, Any]:
@@ -266,6 +284,7 @@ def resolve_model_config(
     if store is not None and not (isinstance(store, str) and store):
         _fail("table_store", store, "null (no store) or the path of a directory for table store entries")
     _check_choice(cfg, "response_format", RESPONSE_FORMATS)
+    _check_id_counts(cfg)
 
     dense_out = cfg["dense_arch_layer_sizes"][-1]
     if dense_out != cfg["embedding_dim"]:
@@ -620,7 +639,7 @@ def store_key(cfg: Dict[str, Any], plan: ShardingPlan, compute_device: str) -> D
         for module_plan in plan.plan.values()
         for name, sharding in module_plan.items()  # type: ignore[union-attr]
     }  # fmt: skip
-    return {
+    key = {
         "tables": [[TABLE_PREFIX + f, rows] for f, rows in zip(cfg["id_list_features_keys"], cfg["num_embeddings_per_feature"])],
         "embedding_dim": cfg["embedding_dim"],
         "quant_dtype": cfg["quant_dtype"],
@@ -632,6 +651,9 @@ def store_key(cfg: Dict[str, Any], plan: ShardingPlan, compute_device: str) -> D
         # are dropped: CPU and CUDA builds of one version lay out the host copy alike.
         "versions": {"torchrec": _release(torchrec.__version__), "fbgemm_gpu": _release(fbgemm_gpu.__version__)},
     }
+    if cfg["id_counts"]:  # an ordered entry: its rows laid out by these counts (same scores)
+        key["row_order"] = {"rule": row_order.ORDER_RULE, "counts_sha256": table_store.file_sha256(cfg["id_counts"])}
+    return key
 
 
 def _release(version: str) -> str:
@@ -663,15 +685,18 @@ def tables_from_store(
         with table_store.tbe_weights_from("meta") as created:
             probe = shard_tables(copy.deepcopy(model), plan, cfg["quant_dtype"], compute_device, world_size)
         grouped = _sharded_tbes(probe)
-        return [
+        found = [
             table_store.tbe_layout(tbe, [t.local_metadata.shard_offsets[0] for t in grouped[tbe].embedding_tables])
             for tbe in created
         ]
+        return ordered_layouts(found) if cfg["id_counts"] else found
 
     def fill(buffers: List[torch.Tensor], layouts: List[Dict[str, Any]]) -> None:
+        if cfg["id_counts"]:
+            return write_ordered_tables(buffers, layouts, cfg, state)
         write_tables([s for b, layout in zip(buffers, layouts) for s in table_store.table_shards(b, layout)], cfg, state)
 
-    label = f"{cfg['quant_dtype']}-{len(eb_configs)}t-{compute_device}{world_size}"
+    label = f"{cfg['quant_dtype']}-{len(eb_configs)}t-{compute_device}{world_size}{'-ordered' if cfg['id_counts'] else ''}"
     entry = table_store.open_or_build(cfg["table_store"], label, key, layouts, fill)
     on_cpu = compute_device == "cpu"
     with table_store.tbe_weights_from(entry.tensors if on_cpu else "own") as created:
@@ -682,12 +707,59 @@ def tables_from_store(
                 raise table_store.StoreError(f"table store: {entry.path}: table offsets differ from this TorchRec's TBEs")
     else:
         table_store.copy_into_tbes(entry, created)
+    table_store.apply_row_order(entry, created)
+    if on_cpu:  # a batch's missing pages read from several threads at once, before its lookup
+        model.page_prefetchers = table_store.prefetch_before_lookups(created)
     if state is not None:
         copy_dense_weights(model, state)
     model.table_store_entry = {"path": entry.path, "built": entry.built}
     if not entry.built:
         logger.info("table store: mapped %s", entry.path)
     return model
+
+
+# An ordered build writes a table this many bytes of rows at a time (in id order), then moves
+# them to their rows.
+ORDER_STAGE_BYTES = 128 << 20
+
+
+def ordered_layouts(layouts: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The layouts of an ordered entry: every table of a TBE gets its map's place in the TBE's
+    map (``map_offset``), the TBE the map's length (``map_rows``). Whole tables only."""
+    ordered = []
+    for layout in layouts:
+        tables, start = [], 0
+        for table in layout["tables"]:
+            if table["row_offset"] != 0:
+                raise ValueError(f"id_counts: table {table['name']} is sharded by rows; an ordered entry needs whole tables")
+            tables.append({**table, "map_offset": start})
+            start += table["rows"]
+        ordered.append({**layout, "tables": tables, "map_rows": start})
+    return ordered
+
+
+def write_ordered_tables(buffers: List[torch.Tensor], layouts: List[Dict[str, Any]], cfg: Dict[str, Any],
+                         state: Optional[Dict[str, torch.Tensor]]) -> None:  # fmt: skip
+    """Fill an ordered entry: ``buffers`` are the TBEs' host buffers, then their maps (bytes).
+    Each table's map is ``row_order`` of ``cfg["id_counts"]``; its rows are written by
+    ``write_tables`` as without an order (the same bytes for every id), ORDER_STAGE_BYTES
+    at a time in id order, then copied to the rows the map gives them."""
+    counts = row_order.check_counts(cfg["id_counts"], cfg["id_list_features_keys"], cfg["num_embeddings_per_feature"])
+    maps = buffers[len(layouts) :]
+    total = sum(t["rows"] * t["row_bytes"] for layout in layouts for t in layout["tables"])
+    with _progress(total, "filling ordered tables") as bar:
+        for buffer, mapping, layout in zip(buffers, maps, layouts):
+            for table in layout["tables"]:
+                rows, width, sb = table["rows"], table["row_bytes"], table["scale_bias_bytes"]
+                order = torch.from_numpy(row_order.row_order(rows, counts[table["name"][len(TABLE_PREFIX) :]]))
+                mapping.view(torch.int32)[table["map_offset"] : table["map_offset"] + rows] = order
+                target = buffer[table["offset"] : table["offset"] + rows * width].view(rows, width)
+                step = max(1, ORDER_STAGE_BYTES // width // FILL_CHUNK_ROWS) * FILL_CHUNK_ROWS  # whole fill chunks
+                for start in range(0, rows, step):
+                    stage = torch.empty(min(step, rows - start), width, dtype=torch.uint8)
+                    write_tables([(table["name"], start, stage[:, sb:], stage[:, :sb] if sb else None)], cfg, state)
+                    target.index_copy_(0, order[start : start + stage.shape[0]].to(torch.int64), stage)
+                    bar.update(stage.numel())
 
 
 def row_bytes(cfg: Dict[str, Any], compute_device: str) -> int:

@@ -30,8 +30,9 @@ import http
 import json
 import logging
 import os
+import sys
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -41,6 +42,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
+import dlrm_row_order as row_order
 import dlrm_table_store as table_store
 from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config
 from dlrm_lean_forward import optimize_for_inference
@@ -90,14 +92,17 @@ def add_gauge(metrics: Any, name: str, value: float, unit: str) -> None:
 def read_served_config(model_dir: str) -> Dict[str, Any]:
     """The resolved config of the ``.mar`` unpacked at ``model_dir``: its ``model_config.json``,
     with ``checkpoint`` set to the packaged ``checkpoint.pt`` when there is one (a relative
-    checkpoint path is taken relative to ``model_dir``) and ``table_store`` set to where
-    this worker keeps the tables (``dlrm_table_store.served_store_dir``)."""
+    checkpoint path is taken relative to ``model_dir``, as is ``id_counts``) and
+    ``table_store`` set to where this worker keeps the tables
+    (``dlrm_table_store.served_store_dir``)."""
     config = read_config_source(os.path.join(model_dir, CONFIG_FILE))
     packaged = os.path.join(model_dir, CHECKPOINT_FILE)
     if os.path.isfile(packaged):
         config["checkpoint"] = packaged
     elif isinstance(config.get("checkpoint"), str):
         config["checkpoint"] = os.path.join(model_dir, config["checkpoint"])
+    if isinstance(config.get("id_counts"), str):  # packaged as id_counts.safetensors
+        config["id_counts"] = os.path.join(model_dir, config["id_counts"])
     config["table_store"] = table_store.served_store_dir(config.get("table_store"))
     return resolve_model_config(config)
 
@@ -127,6 +132,48 @@ def under_kservev2_envelope(context: Any) -> bool:
     and makes the list ``handle`` returns the v2 "outputs", naming output i
     ``context.input_names[i]``: an attribute only this envelope sets (before ``handle``)."""
     return hasattr(context, "input_names")
+
+
+# A worker whose table store entry fails its background check exits with this status.
+BAD_ENTRY_EXIT = 3
+
+
+def served_id_counts(config: Dict[str, Any], model_name: str) -> Optional[row_order.ServedIdCounts]:
+    """The ids this worker looks up, counted into ``$DLRM_ID_COUNTS_DIR/<model>-<pid>.safetensors``
+    (``dlrm_row_order.ServedIdCounts``), or None when that variable is unset."""
+    path = row_order.served_counts_path(model_name)
+    if path is None:
+        return None
+    logger.info("counting the ids looked up into %s", path)
+    return row_order.ServedIdCounts(config["id_list_features_keys"], config["num_embeddings_per_feature"], path)
+
+
+def count_ids(counts: Optional[row_order.ServedIdCounts], kjt: KeyedJaggedTensor, samples: int) -> None:
+    """Hand the batch's ids to the counter (a reference; counted off the request path)."""
+    if counts is not None:
+        counts.record(kjt.values(), kjt.lengths(), samples)
+
+
+def verify_entry_in_background(model: Any) -> None:
+    """A table store entry checked only by sample at open (over
+    ``dlrm_table_store.FULL_VERIFY_MAX_BYTES``) is checked whole while this worker serves
+    (bounded I/O, around the page cache); a bad block takes the worker out
+    (``leave_worker``): TorchServe starts another, whose open rebuilds the entry (or refuses
+    it, in a read-only store) instead of serving it."""
+    entry = getattr(model, "table_store_entry", None)
+    if entry and table_store.checked_in_background(entry["path"]):
+        table_store.verify_in_background(entry["path"], on_failure=leave_worker)
+        logger.info("table store: checking every block of %s in the background", entry["path"])
+
+
+def leave_worker(problem: str) -> None:
+    """Exit this worker at once, saying why (the entry it serves is bad)."""
+    logger.error("table store: %s; this worker exits (its entry must not serve)", problem)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(BAD_ENTRY_EXIT)
 
 
 class TorchRecDLRMHandler(BaseHandler):
@@ -159,6 +206,8 @@ class TorchRecDLRMHandler(BaseHandler):
         if self.device.type == "cpu":  # one TBE call instead of TorchRec's one-rank dist; same scores
             self.model = optimize_for_inference(self.model)
         context.metrics.add_counter(INVALID_METRIC, 0)  # on /metrics at 0 before any bad request
+        self.id_counts = served_id_counts(self.config, getattr(context, "model_name", None) or "dlrm")
+        verify_entry_in_background(self.model)
         self.initialized = True
 
     @timed
@@ -218,6 +267,7 @@ class TorchRecDLRMHandler(BaseHandler):
         if dense.shape[0] == 0:  # every request of the batch was bad
             return torch.empty(0), plan
         started = time.perf_counter()
+        count_ids(self.id_counts, kjt, dense.shape[0])
         with torch.inference_mode():
             logits = self.model(dense.to(self.device), kjt.to(self.device))
         logits = logits.reshape(-1).float().cpu()

@@ -52,8 +52,10 @@ import logging
 import mmap
 import os
 import random
+import resource
 import struct
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -66,6 +68,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocati
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
     IntNBitTableBatchedEmbeddingBagsCodegen,
     nbit_construct_split_state,
+    rounded_row_size_in_bytes,
     unpadded_row_size_in_bytes,
 )
 from safetensors import safe_open
@@ -74,8 +77,12 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "dlrm-table-store/1"  # bump when the layout or what the bytes mean changes
 BLOCK_BYTES = 64 << 20  # CRC-32 granularity
-FULL_VERIFY_MAX_BYTES = 1 << 30  # entries up to this size are checked block by block on open
-SAMPLED_BLOCKS = 8  # larger entries: first and last block of each tensor, and this many more
+# Entries up to this size are checked block by block on open; larger ones: the first and last
+# block of each tensor and SAMPLED_BLOCKS more, then every block in the background while they
+# serve (``verify_in_background``). Both can be set from the environment (tests make a small
+# entry count as large).
+FULL_VERIFY_MAX_BYTES = int(os.environ.get("DLRM_STORE_FULL_VERIFY_MAX_BYTES", 1 << 30))
+SAMPLED_BLOCKS = int(os.environ.get("DLRM_STORE_SAMPLED_BLOCKS", 8))
 DATA_ALIGNMENT = 4096  # the header is padded so the tables start on a page
 CRC_PLACEHOLDER = "00000000"  # same width as a CRC-32 in hex: the header's size is fixed early
 VERIFY_THREADS = 2
@@ -88,12 +95,14 @@ Shard = Tuple[str, int, torch.Tensor, Optional[torch.Tensor]]  # name, first row
 class Entry(NamedTuple):
     """A mapped store entry: ``tensors[k]`` is the host buffer of the k-th TBE (read-only
     mapping, copy-on-write), ``layouts[k]`` describes its tables; ``built``: this process
-    wrote the entry (False: it was there)."""
+    wrote the entry (False: it was there); ``maps[k]``: in an ordered entry, the k-th TBE's
+    id -> row map (int32, its tables one after the other), else None."""
 
     path: str
     tensors: List[torch.Tensor]
     layouts: List[Dict[str, Any]]
     built: bool
+    maps: Tuple[Optional[torch.Tensor], ...] = ()
 
 
 class StoreError(ValueError):
@@ -238,6 +247,20 @@ def entry_path(store_dir: str, label: str, digest: str) -> str:
     return os.path.join(store_dir, f"{label}-{digest[:16]}.safetensors")
 
 
+# safetensors dtype of an entry's tensors -> (torch dtype, bytes per element)
+TENSOR_DTYPES = {"U8": (torch.uint8, 1), "I32": (torch.int32, 4)}
+
+
+def entry_tensors(layouts: List[Dict[str, Any]]) -> List[Tuple[str, str, int]]:
+    """(name, safetensors dtype, bytes) of each tensor of an entry, in file order: every
+    TBE's host buffer ``tbe<k>``; then, in an ordered entry, zeros up to the next page
+    (``pad``) and every TBE's id -> row map ``map<k>`` (int32; its layout says ``map_rows``)."""
+    tensors = [(f"tbe{k}", "U8", layout["bytes"]) for k, layout in enumerate(layouts)]
+    maps = [(f"map{k}", "I32", 4 * layout["map_rows"]) for k, layout in enumerate(layouts) if layout.get("map_rows")]
+    pad = -sum(size for _, _, size in tensors) % DATA_ALIGNMENT
+    return tensors + ([("pad", "U8", pad)] if maps and pad else []) + maps
+
+
 def _blocks(length: int) -> List[Tuple[int, int]]:
     return [(start, min(length, start + BLOCK_BYTES)) for start in range(0, length, BLOCK_BYTES)] or [(0, 0)]
 
@@ -293,7 +316,7 @@ def advise_random_access(tensor: torch.Tensor) -> None:
     not need, each evicting one it may need, when the tables do not fit in RAM)."""
     page = mmap.PAGESIZE
     start = tensor.data_ptr() // page * page
-    end = tensor.data_ptr() + tensor.numel()
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
     if tensor.numel() and _libc.madvise(start, end - start, MADV_RANDOM) != 0:
         logger.warning("table store: madvise(MADV_RANDOM) failed: %s", os.strerror(ctypes.get_errno()))
 
@@ -310,7 +333,8 @@ def open_entry(path: str, digest: str, full: Optional[bool] = None) -> Entry:
                 raise ValueError(f"key {metadata.get('key')!r}, expected {digest!r} (another config's entry)")
             layouts = json.loads(metadata["layouts"])
             crcs = json.loads(metadata["crc32"])
-            names = [f"tbe{k}" for k in range(len(layouts))]
+            expected = entry_tensors(layouts)
+            names = [name for name, _, _ in expected]
             if sorted(f.keys()) != sorted(names) or sorted(crcs) != sorted(names):
                 raise ValueError(f"tensors {sorted(f.keys())}, expected {names}")
             tensors = {name: f.get_tensor(name) for name in names}
@@ -318,22 +342,37 @@ def open_entry(path: str, digest: str, full: Optional[bool] = None) -> Entry:
         raise
     except Exception as e:  # safetensors' own errors: truncated, bad header, bad offsets
         raise ValueError(f"not a readable safetensors file ({type(e).__name__}: {e})") from None
-    for name, layout in zip(names, layouts):
-        if tensors[name].dtype != torch.uint8 or tensors[name].numel() != layout["bytes"]:
-            raise ValueError(f"{name} holds {tensors[name].numel()} {tensors[name].dtype}, its layout says {layout['bytes']} bytes")
-    with open(path, "rb") as f:  # where each tensor's bytes are (safetensors checked the header)
-        header_size = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(header_size))
-    offsets = {name: (8 + header_size + header[name]["data_offsets"][0], 8 + header_size + header[name]["data_offsets"][1])
-               for name in names}  # fmt: skip
-    total = sum(t.numel() for t in tensors.values())
+    for name, dtype, size in expected:
+        torch_dtype, width = TENSOR_DTYPES[dtype]
+        if tensors[name].dtype != torch_dtype or tensors[name].numel() * width != size:
+            raise ValueError(f"{name} holds {tensors[name].numel()} {tensors[name].dtype}, its layout says {size} bytes")
+    offsets = tensor_file_offsets(path, names)
+    total = sum(size for _, _, size in expected)
     full = total <= FULL_VERIFY_MAX_BYTES if full is None else full
     bad = verify_blocks(path, offsets, crcs, full)
     if bad:
         raise ValueError(f"corrupted: {bad}")
     for tensor in tensors.values():
         advise_random_access(tensor)
-    return Entry(path, [tensors[name] for name in names], layouts, built=False)
+    maps = tuple(tensors.get(f"map{k}") for k in range(len(layouts)))
+    return Entry(path, [tensors[f"tbe{k}"] for k in range(len(layouts))], layouts, built=False, maps=maps)
+
+
+def tensor_file_offsets(path: str, names: List[str]) -> Dict[str, Tuple[int, int]]:
+    """Where each tensor's bytes are in the file: {name: (first byte, end)}, from the
+    safetensors header (its offsets count from the end of the header)."""
+    header_size, header = read_header(path)
+    return {name: (8 + header_size + header[name]["data_offsets"][0], 8 + header_size + header[name]["data_offsets"][1])
+            for name in names}  # fmt: skip
+
+
+def read_header(path: str) -> Tuple[int, Dict[str, Any]]:
+    """(size, JSON) of a safetensors file's header, read without readahead (the kernel would
+    read megabytes of tables behind it into the page cache)."""
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        header_size = struct.unpack("<Q", f.read(8))[0]
+        return header_size, json.loads(f.read(header_size))
 
 
 def _header(digest: str, key: Dict[str, Any], layouts: List[Dict[str, Any]], crcs: Dict[str, List[str]]) -> bytes:
@@ -341,9 +380,9 @@ def _header(digest: str, key: Dict[str, Any], layouts: List[Dict[str, Any]], crc
     data starts on a DATA_ALIGNMENT boundary (both allowed by the format)."""
     tensors: Dict[str, Any] = {}
     start = 0
-    for k, layout in enumerate(layouts):
-        tensors[f"tbe{k}"] = {"dtype": "U8", "shape": [layout["bytes"]], "data_offsets": [start, start + layout["bytes"]]}
-        start += layout["bytes"]
+    for name, dtype, size in entry_tensors(layouts):
+        tensors[name] = {"dtype": dtype, "shape": [size // TENSOR_DTYPES[dtype][1]], "data_offsets": [start, start + size]}
+        start += size
     metadata = {"format": FORMAT, "key": digest, "key_json": canonical_json(key),
                 "layouts": canonical_json(layouts), "crc32": canonical_json(crcs)}  # fmt: skip
     text = json.dumps({"__metadata__": metadata, **tensors}, separators=(",", ":")).encode()
@@ -354,11 +393,13 @@ def _header(digest: str, key: Dict[str, Any], layouts: List[Dict[str, Any]], crc
 def write_entry(path: str, digest: str, key: Dict[str, Any], layouts: List[Dict[str, Any]],
                 fill: Callable[[List[torch.Tensor], List[Dict[str, Any]]], None]) -> None:  # fmt: skip
     """Write an entry to ``path`` (a temp name: the caller renames it): reserve the space,
-    let ``fill(buffers, layouts)`` write each TBE's host buffer in place, flush, CRC the blocks, write the
-    header last, fsync."""
-    placeholder = {f"tbe{k}": [CRC_PLACEHOLDER] * len(_blocks(l["bytes"])) for k, l in enumerate(layouts)}
+    let ``fill(buffers, layouts)`` write each TBE's host buffer in place (``buffers``: the
+    TBEs' buffers, then an ordered entry's maps, all as bytes: ``entry_tensors``), flush,
+    CRC the blocks, write the header last, fsync."""
+    tensors = entry_tensors(layouts)
+    placeholder = {name: [CRC_PLACEHOLDER] * len(_blocks(size)) for name, _, size in tensors}
     header_bytes = len(_header(digest, key, layouts, placeholder))
-    total = header_bytes + sum(layout["bytes"] for layout in layouts)
+    total = header_bytes + sum(size for _, _, size in tensors)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
@@ -372,15 +413,15 @@ def write_entry(path: str, digest: str, key: Dict[str, Any], layouts: List[Dict[
         with mmap.mmap(fd, total) as mapped:
             data = torch.frombuffer(mapped, dtype=torch.uint8)
             buffers, start = [], header_bytes
-            for layout in layouts:
-                buffers.append(data[start : start + layout["bytes"]])
-                start += layout["bytes"]
-            fill(buffers, layouts)
+            for _, _, size in tensors:
+                buffers.append(data[start : start + size])
+                start += size
+            fill([b for (name, _, _), b in zip(tensors, buffers) if name != "pad"], layouts)
             mapped.flush()
             with ThreadPoolExecutor(VERIFY_THREADS) as pool:
                 crcs = {
-                    f"tbe{k}": list(pool.map(lambda block, b=buffer: _crc(b[block[0] : block[1]].numpy()), _blocks(buffer.numel())))
-                    for k, buffer in enumerate(buffers)
+                    name: list(pool.map(lambda block, b=buffer: _crc(b[block[0] : block[1]].numpy()), _blocks(buffer.numel())))
+                    for (name, _, _), buffer in zip(tensors, buffers)
                 }
             del data, buffers  # no view may outlive the mapping
             header = _header(digest, key, layouts, crcs)
@@ -433,7 +474,7 @@ def open_or_build(
     problem = "missing"
     if os.path.exists(path):
         try:
-            return open_entry(path, digest)
+            return _open_unless_condemned(path, digest)
         except ValueError as e:
             problem = str(e)
     if not _writable(store_dir):
@@ -446,7 +487,7 @@ def open_or_build(
     with _exclusive(os.path.join(store_dir, f".{name}.lock"), path):
         if os.path.exists(path):  # built by another process while this one waited, or bad
             try:
-                return open_entry(path, digest)
+                return _open_unless_condemned(path, digest)
             except ValueError as e:
                 logger.warning("table store: removing %s (%s)", path, e)
                 os.unlink(path)
@@ -541,6 +582,332 @@ def verify_store(store_dir: str) -> int:
             bad += 1
             print(f"BAD      {path}: {e}")
     return bad
+
+
+# ---------------------------------------------------------------------------------------
+# Ordered entries: the id -> row maps, applied by fbgemm's TBEs themselves.
+# ---------------------------------------------------------------------------------------
+
+
+def apply_row_order(entry: Entry, tbes: List[IntNBitTableBatchedEmbeddingBagsCodegen]) -> None:
+    """Give each TBE of an ordered entry its id -> row map: fbgemm's own index remapping
+    (``index_remappings_array``: ``pruned_array_lookup`` turns ids into rows before the
+    lookup, after checking them against the tables' id ranges). On the CPU the map is the
+    entry's mapped pages (no copy); on CUDA it is copied to the TBE's device. Maps of a CPU
+    entry are read ahead in the background (``MADV_WILLNEED``: one sequential read instead
+    of a fault per 4 KiB of map at first use)."""
+    for tbe, layout, mapping in zip(tbes, entry.layouts, entry.maps or [None] * len(tbes)):
+        if mapping is None:
+            continue
+        tables = layout["tables"]
+        if tbe.indices_dtype != torch.int32 or [t["name"] for t in tables] != [spec[0] for spec in tbe.embedding_specs]:
+            raise StoreError(f"table store: {entry.path}: its maps do not fit this TBE (tables {[spec[0] for spec in tbe.embedding_specs]}, "
+                             f"indices {tbe.indices_dtype})")  # fmt: skip
+        device = tbe.current_device
+        offsets = [t["map_offset"] for t in tables] + [layout["map_rows"]]
+        tbe.index_remappings_array = mapping.to(device)
+        tbe.index_remappings_array_offsets = torch.tensor(offsets, dtype=torch.int64, device=device)
+        tbe.original_rows_per_table = torch.tensor([tables[t]["rows"] for t in tbe.feature_table_map], dtype=torch.int64, device=device)
+        if mapping.device.type == "cpu" and device.type == "cpu":
+            threading.Thread(target=advise, args=(mapping, MADV_WILLNEED), name="dlrm-map-readahead", daemon=True).start()
+
+
+MADV_WILLNEED = 3
+
+
+def advise(tensor: torch.Tensor, advice: int) -> None:
+    """``madvise`` the pages of a mapped tensor (MADV_WILLNEED: read them in now)."""
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    if tensor.numel() and _libc.madvise(start, end - start, advice) != 0:
+        logger.warning("table store: madvise(%d) failed: %s", advice, os.strerror(ctypes.get_errno()))
+
+
+# ---------------------------------------------------------------------------------------
+# Overlapped reads: a batch's missing pages read concurrently, before its lookup.
+# ---------------------------------------------------------------------------------------
+
+# Threads that read a batch's pages (0: off). Reads overlap instead of queueing: the disk
+# serves several at once (measured in README "Tables larger than RAM").
+PREFETCH_THREADS = int(os.environ.get("DLRM_STORE_PREFETCH_THREADS", 8))
+PREFETCH_QUIET_BATCHES = 256  # batches without a page read before the prefetch stands down
+
+
+def _major_faults() -> int:
+    """Major page faults (pages read from disk) of the calling thread so far."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
+
+
+class PagePrefetcher:
+    """Hooked on a TBE whose weights are an entry's mapped pages: before each lookup, the pages of the
+    batch's rows (and of their map entries, in an ordered entry) are touched from ``threads``
+    threads at once: each page not in memory is read by one of them while the others read
+    theirs, so a batch waits about one disk read, not one per miss. Then the lookup runs on
+    resident pages. The scores are untouched: the threads only read.
+
+    No cost when the entry is resident: the lookup's own major faults are counted
+    (``getrusage``); after PREFETCH_QUIET_BATCHES batches in which neither the threads nor
+    the lookup read a page from disk, the prefetch stands down, and the first lookup that
+    does read one turns it back on. ``stats``: batches prefetched, pages read by the threads
+    and by the lookups."""
+
+    def __init__(self, tbe: IntNBitTableBatchedEmbeddingBagsCodegen, threads: int) -> None:
+        self.weights = tbe.weights_host
+        self.table_of_feature = torch.tensor(tbe.feature_table_map, dtype=torch.int64)
+        self.table_start = tbe.weights_offsets.to(torch.int64).cpu()
+        self.row_bytes = torch.tensor([rounded_row_size_in_bytes(dim, ty, tbe.row_alignment, tbe.scale_bias_size_in_bytes)
+                                       for _, _, dim, ty, _ in tbe.embedding_specs], dtype=torch.int64)  # fmt: skip
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dlrm-prefetch")
+        self.threads = threads
+        self.active = True  # a fresh mapping is cold until shown otherwise
+        self.quiet = 0
+        self.stats = {"batches": 0, "prefetched": 0, "thread_reads": 0, "lookup_reads": 0}
+        self._before = 0
+        self._thread_reads = 0
+        self._hooks = [tbe.register_forward_pre_hook(self.before_lookup, with_kwargs=True),
+                       tbe.register_forward_hook(self.after_lookup, with_kwargs=True)]  # fmt: skip
+
+    def detach(self) -> None:
+        """Remove the hooks: the TBE's lookups go without prefetch from now on."""
+        for hook in self._hooks:
+            hook.remove()
+
+    def before_lookup(self, module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """forward pre-hook of the TBE: (indices, offsets) -> their pages resident."""
+        self._thread_reads = 0
+        indices = kwargs.get("indices", args[0] if args else None)
+        offsets = kwargs.get("offsets", args[1] if len(args) > 1 else None)
+        if self.active and indices is not None and offsets is not None and indices.numel():
+            self._thread_reads = self.prefetch(module, indices, offsets)
+        self._before = _major_faults()
+
+    def after_lookup(self, module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        """forward hook of the TBE: on or off for the next batch."""
+        lookup_reads = _major_faults() - self._before
+        self.stats["batches"] += 1
+        self.stats["lookup_reads"] += lookup_reads
+        self.stats["thread_reads"] += self._thread_reads
+        if lookup_reads or self._thread_reads:
+            self.active, self.quiet = True, 0
+        elif self.active:
+            self.quiet += 1
+            self.active = self.quiet < PREFETCH_QUIET_BATCHES
+
+    def prefetch(self, tbe: Any, indices: torch.Tensor, offsets: torch.Tensor) -> int:
+        """Touch the pages of the rows of ``indices`` from the pool; pages read from disk."""
+        features = self.table_of_feature.numel()
+        bags = (offsets.numel() - 1) // features
+        per_feature = offsets[::bags].to(torch.int64).diff() if bags else torch.zeros(features, dtype=torch.int64)
+        table = torch.repeat_interleave(self.table_of_feature, per_feature)
+        ids = indices.to(torch.int64)
+        mapping = tbe.index_remappings_array
+        map_start = tbe.index_remappings_array_offsets if mapping.numel() else None
+        chunks = [(ids[i::self.threads], table[i::self.threads]) for i in range(min(self.threads, ids.numel()))]
+        reads = sum(self.pool.map(lambda chunk: self._touch(*chunk, mapping, map_start), chunks))
+        self.stats["prefetched"] += 1
+        return reads
+
+    def _touch(self, ids: torch.Tensor, table: torch.Tensor, mapping: torch.Tensor, map_start: Optional[torch.Tensor]) -> int:
+        """One thread's share: map entries, then the first and last byte of each row."""
+        before = _major_faults()
+        rows = mapping.index_select(0, map_start[table] + ids).to(torch.int64) if map_start is not None else ids
+        first = self.table_start[table] + rows * self.row_bytes[table]
+        self.weights.index_select(0, torch.cat([first, first + self.row_bytes[table] - 1]))
+        return _major_faults() - before
+
+
+def prefetch_before_lookups(tbes: List[IntNBitTableBatchedEmbeddingBagsCodegen],
+                            threads: int = PREFETCH_THREADS) -> List[PagePrefetcher]:  # fmt: skip
+    """A ``PagePrefetcher`` on each (CPU, mapped) TBE, as its forward hooks; none if
+    ``threads`` is 0. (Hooks run when the TBE is called as a module: the lean CPU forward's
+    call; TorchRec's sharded path calls ``forward`` directly and goes without.)"""
+    return [PagePrefetcher(tbe, threads) for tbe in tbes] if threads > 0 else []
+
+
+# ---------------------------------------------------------------------------------------
+# Background verification: every block of a sampled-at-open entry, while it serves.
+# ---------------------------------------------------------------------------------------
+
+VERIFY_BYTES_PER_S = float(os.environ.get("DLRM_STORE_VERIFY_MB_S", 64)) * 1e6  # the I/O it may take
+WATCH_SECONDS = 5.0  # how often a verified entry's file is checked for removal or replacement
+IO_ALIGNMENT = 4096  # O_DIRECT offsets, lengths and buffers
+
+
+def file_identity(path: str) -> Optional[Tuple[int, int, int, int]]:
+    """(device, inode, size, mtime) of ``path``, or None if it is gone: a file rewritten or
+    replaced has another."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def checked_in_background(path: str) -> bool:
+    """Whether an entry is only sampled at open (above FULL_VERIFY_MAX_BYTES), so a serving
+    process should ``verify_in_background``."""
+    return os.path.getsize(path) > FULL_VERIFY_MAX_BYTES
+
+
+def verify_in_background(path: str, on_failure: Callable[[str], None], bytes_per_s: float = VERIFY_BYTES_PER_S) -> threading.Thread:
+    """Check every block of the entry at ``path`` against its CRC-32 from a daemon thread, at
+    most ``bytes_per_s``, without filling the page cache (``O_DIRECT``; where the filesystem
+    has none, pages read that were not resident are dropped again): a cold or larger-than-RAM
+    entry keeps its hot pages. Then keep watching that the file is still the one mapped.
+
+    A bad block: the entry is condemned (``condemn_entry``: removed from a writable store,
+    so the next start rebuilds it; recorded for a read-only one, so starts refuse it) and
+    ``on_failure(problem)`` is called with the file and block named; a serving worker exits
+    there (TorchServe starts another). So does a worker whose file was removed or replaced
+    by another process (one that found it bad)."""
+    identity = file_identity(path)
+    thread = threading.Thread(target=_verify_then_watch, args=(path, identity, on_failure, bytes_per_s),
+                              name="dlrm-store-verify", daemon=True)  # fmt: skip
+    thread.start()
+    return thread
+
+
+def _verify_then_watch(path: str, identity: Any, on_failure: Callable[[str], None], bytes_per_s: float) -> None:
+    try:
+        problem = verify_every_block(path, identity, bytes_per_s)
+    except OSError as e:  # the file cannot be read: as bad as a wrong byte
+        problem = f"{path}: cannot be read ({e})"
+    if problem:
+        condemn_entry(path, identity, problem)
+        on_failure(problem)
+        return
+    while file_identity(path) == identity:
+        time.sleep(WATCH_SECONDS)
+    on_failure(f"{path} was removed or replaced since this process mapped it (found bad by another process?)")
+
+
+def verify_every_block(path: str, identity: Any, bytes_per_s: float) -> Optional[str]:
+    """None if every block of the file matches its CRC-32, else which does not (file, tensor,
+    block, bytes). Blocks are read in file order, at most ``bytes_per_s``."""
+    crcs = json.loads(read_header(path)[1]["__metadata__"]["crc32"])
+    offsets = tensor_file_offsets(path, sorted(crcs))
+    blocks = sorted((offsets[name][0] + start, offsets[name][0] + stop, name, i)
+                    for name in crcs for i, (start, stop) in enumerate(_blocks(offsets[name][1] - offsets[name][0])))  # fmt: skip
+    started, done = time.monotonic(), 0
+    fd, direct = _open_uncached(path)
+    buffer = mmap.mmap(-1, BLOCK_BYTES + 2 * IO_ALIGNMENT)  # page-aligned, as O_DIRECT needs
+    try:
+        for first, end, name, i in blocks:
+            if file_identity(path) != identity:
+                return f"{path} was removed or replaced while it was checked"
+            found = _crc(_read_uncached(fd, direct, buffer, first, end - first))
+            if found != crcs[name][i]:
+                return f"{path}: block {i} of {name} (file bytes [{first}, {end})): CRC-32 {found}, header says {crcs[name][i]}"
+            done += end - first
+            time.sleep(max(0.0, started + done / bytes_per_s - time.monotonic()))
+    finally:
+        os.close(fd)
+        buffer.close()
+    logger.info("table store: verified all %d blocks of %s in the background in %.1f s (%s)", len(blocks), path,
+                time.monotonic() - started, "O_DIRECT" if direct else "read and drop")  # fmt: skip
+    return None
+
+
+def _open_uncached(path: str) -> Tuple[int, bool]:
+    """A descriptor that reads around the page cache (O_DIRECT), or a plain one: (fd, direct)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+    except OSError:  # tmpfs and some others have no O_DIRECT
+        return os.open(path, os.O_RDONLY), False
+
+
+def _read_uncached(fd: int, direct: bool, buffer: mmap.mmap, first: int, length: int) -> Any:
+    """``length`` bytes at ``first``, leaving the page cache as it was: with O_DIRECT, the
+    aligned range around them into ``buffer``; else a plain read, then the pages that were
+    not resident before dropped again (``POSIX_FADV_DONTNEED``)."""
+    if direct:
+        start = first // IO_ALIGNMENT * IO_ALIGNMENT
+        stop = -(-(first + length) // IO_ALIGNMENT) * IO_ALIGNMENT
+        got = os.preadv(fd, [memoryview(buffer)[: stop - start]], start)
+        return memoryview(buffer)[first - start : min(got, first - start + length)]
+    resident = resident_pages(fd, first, length)
+    data = os.pread(fd, length, first)
+    page = mmap.PAGESIZE
+    base = first // page * page
+    for run_start, run_end in _runs(~resident):
+        os.posix_fadvise(fd, base + run_start * page, (run_end - run_start) * page, os.POSIX_FADV_DONTNEED)
+    return data
+
+
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+
+
+def resident_pages(fd: int, first: int, length: int) -> Any:
+    """numpy bool[pages]: which pages of the file's bytes [first, first + length) are in the
+    page cache (``mincore`` of a private mapping of them: mapping reads nothing)."""
+    import numpy as np
+
+    page = mmap.PAGESIZE
+    start = first // page * page
+    size = first + length - start
+    pages = -(-size // page)
+    vec = (ctypes.c_ubyte * pages)()
+    if size:
+        with mmap.mmap(fd, size, offset=start, access=mmap.ACCESS_COPY) as mapped:
+            anchor = ctypes.c_char.from_buffer(mapped)
+            try:
+                if _libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
+                    raise OSError(ctypes.get_errno(), "mincore failed")
+            finally:
+                del anchor
+    return np.frombuffer(vec, dtype=np.uint8).astype(bool)
+
+
+def _runs(flags: Any) -> List[Tuple[int, int]]:
+    """[start, end) of each run of True in a bool array."""
+    import numpy as np
+
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _failure_record(path: str) -> str:
+    """Where a bad entry of a read-only store is recorded: the system's temp folder (the
+    store cannot hold it), one file per entry path."""
+    name = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "dlrm-table-store-failures", f"{name}.json")
+
+
+def recorded_failure(path: str) -> Optional[str]:
+    """The problem a background check recorded for this very file (same identity), or None."""
+    try:
+        with open(_failure_record(path)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record.get("problem") if record.get("identity") == list(file_identity(path) or ()) else None
+
+
+def condemn_entry(path: str, identity: Any, problem: str) -> None:
+    """Make sure no later open serves the file at ``path`` (if it is still the one with
+    ``identity``): removed from a writable store (the next start rebuilds it, as at open),
+    else recorded (``recorded_failure``: the next start refuses it, naming the problem)."""
+    store_dir = os.path.dirname(os.path.abspath(path))
+    if _writable(store_dir):
+        with _exclusive(os.path.join(store_dir, f".{os.path.basename(path)}.lock"), path):
+            if file_identity(path) == identity:
+                os.unlink(path)
+                logger.error("table store: removed %s (%s); the next start rebuilds it", path, problem)
+        return
+    record = _failure_record(path)
+    os.makedirs(os.path.dirname(record), exist_ok=True)
+    with open(record, "w") as f:
+        json.dump({"path": path, "identity": list(identity or ()), "problem": problem}, f)
+    logger.error("table store: %s is in a read-only store: recorded %s in %s; starts refuse it until it is rebuilt", path, problem, record)
+
+
+def _open_unless_condemned(path: str, digest: str) -> Entry:
+    """``open_entry``, unless a background check recorded this file as bad."""
+    problem = recorded_failure(path)
+    if problem:
+        raise ValueError(f"corrupted: {problem} (found by a background check)")
+    return open_entry(path, digest)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,8 @@ random 4 KiB read from disk.
 """
 
 import argparse
-import ctypes
 import json
 import math
-import mmap
 import os
 import statistics
 import subprocess
@@ -55,27 +53,35 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dlrm_table_store import default_store_dir  # noqa: E402
+from dlrm_table_store import default_store_dir, resident_pages  # noqa: E402
 
 PLOT = os.path.join(REPO, "benchmarks", "plots", "bench_store.png")
-POSIX_FADV_DONTNEED = 4
 CGROUP_NAME = "dlrm-bench-store"
 CHUNK_BATCHES = 256  # batches drawn at once (outside the timed model calls)
+PAGE = 4096
 
 
 # --- the workload ---------------------------------------------------------------------------
 
 
-def zipf_rows(rng: np.random.Generator, rows: int, count: int, alpha: float, scattered: bool = True) -> np.ndarray:
+def zipf_rows(rng: np.random.Generator, rows: int, count: int, alpha: float, scattered: bool = True,
+              drift: float = 0.0) -> np.ndarray:  # fmt: skip
     """``count`` row ids of a table of ``rows`` rows: ranks ~ k^-alpha on 1..rows, scattered
     over the table (hashed ids), or rank k = row k - 1 (``scattered=False``: hot rows first,
-    the layout of a table whose rows are ordered by frequency)."""
+    the layout of a table whose rows are ordered by frequency).
+
+    ``drift``: the popularity has moved since a period without drift: that fraction of the
+    ranks, at every popularity level (a fixed pseudo-random choice of ranks), belong to
+    other ids now, ids half the table away in rank (cold in that period)."""
     u = rng.random(count)
     if rows == 1:
         return np.zeros(count, dtype=np.int64)
     top = float(rows + 1) ** (1.0 - alpha)
     ranks = np.floor((1.0 + u * (top - 1.0)) ** (1.0 / (1.0 - alpha))).astype(np.int64)
     ranks = np.clip(ranks, 1, rows)
+    if drift:
+        moved = (ranks * 2654435761 % 2**32) < drift * 2**32  # the same ranks in every batch
+        ranks = np.where(moved, (ranks - 1 + rows // 2) % rows + 1, ranks)
     return (ranks * scatter_multiplier(rows) + 12345) % rows if scattered else ranks - 1
 
 
@@ -89,41 +95,43 @@ def scatter_multiplier(rows: int) -> int:
 
 
 def make_batches(rng: np.random.Generator, table_rows: List[int], dense_features: int, batch: int, count: int,
-                 alpha: float, scattered: bool = True) -> Tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                 alpha: float, scattered: bool = True, drift: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The next ``count`` batches of ``rng``'s stream: (dense [count, batch, N] float32,
     ids [count, F, batch] int64, key-major per batch)."""
     dense = rng.random((count, batch, dense_features), dtype=np.float32)
-    ids = np.stack([zipf_rows(rng, rows, count * batch, alpha, scattered).reshape(count, batch) for rows in table_rows], axis=1)
+    ids = np.stack([zipf_rows(rng, rows, count * batch, alpha, scattered, drift).reshape(count, batch)
+                    for rows in table_rows], axis=1)  # fmt: skip
     return dense, ids
+
+
+def write_id_counts(path: str, features: List[str], table_rows: List[int], samples: int, alpha: float,
+                    scattered: bool, seed: int = 1) -> None:  # fmt: skip
+    """The id counts file of ``samples`` samples of the workload's distribution, drawn from
+    their own stream (``seed``; the measured stream is seed 0): what a day of counted
+    traffic or the training data gives the order, never the measured batches."""
+    from dlrm_row_order import write_counts
+
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for feature, rows in zip(features, table_rows):
+        ids, seen = np.unique(zipf_rows(rng, rows, samples, alpha, scattered), return_counts=True)
+        counts[feature] = (ids.astype(np.int64), seen.astype(np.int64))
+    write_counts(path, list(zip(features, table_rows)), counts, samples)
 
 
 # --- residency --------------------------------------------------------------------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-_libc.posix_fadvise.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-
-
 def resident_fraction(path: str) -> float:
-    """Pages of ``path`` in the page cache / pages of the file: mincore(2) of a fresh private
-    mapping (mapping touches no page)."""
-    size = os.path.getsize(path)
-    pages = -(-size // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * pages)()
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
-        anchor = ctypes.c_char.from_buffer(m)
-        try:
-            if _libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-        finally:
-            del anchor
-    return float(np.frombuffer(vec, dtype=np.uint8).astype(bool).sum()) / pages
+    """Pages of ``path`` in the page cache / pages of the file (``mincore``, through the
+    store's ``resident_pages``)."""
+    with open(path, "rb") as f:
+        return float(resident_pages(f.fileno(), 0, os.path.getsize(path)).mean())
 
 
 def drop_from_page_cache(path: str) -> None:
     """Evict the file's clean, unmapped pages (all of them, once no process maps it)."""
     with open(path, "rb") as f:
-        _libc.posix_fadvise(f.fileno(), 0, 0, POSIX_FADV_DONTNEED)
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def read_into_page_cache(path: str) -> None:
@@ -179,17 +187,20 @@ def run_workload(args: argparse.Namespace) -> None:
     model = optimize_for_inference(DLRMFactory(config))
     cfg = resolve_model_config(config)
     path = model.table_store_entry["path"]
+    prefetchers = getattr(model, "page_prefetchers", [])
     print(json.dumps({"event": "mapped", "seconds": time.perf_counter() - started, "path": path,
-                      "built": model.table_store_entry["built"], "resident": resident_fraction(path)}), flush=True)  # fmt: skip
+                      "built": model.table_store_entry["built"], "resident": resident_fraction(path),
+                      "prefetch_threads": prefetchers[0].threads if prefetchers else 0}), flush=True)  # fmt: skip
     keys = cfg["id_list_features_keys"]
     lengths = torch.ones(len(keys) * args.batch, dtype=torch.int64)
     rng = np.random.default_rng(0)  # the same endless stream in every run: no batch comes twice
     window_start = run_start = time.perf_counter()
     latencies: List[float] = []
+    reads_before = 0
     with torch.inference_mode():
         while True:
             dense, ids = make_batches(rng, cfg["num_embeddings_per_feature"], cfg["dense_in_features"], args.batch,
-                                      CHUNK_BATCHES, args.alpha, scattered=args.hot_rows == "scattered")  # fmt: skip
+                                      CHUNK_BATCHES, args.alpha, args.hot_rows == "scattered", args.drift)  # fmt: skip
             for i in range(CHUNK_BATCHES):
                 kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(ids[i].reshape(-1)), lengths=lengths)
                 t = time.perf_counter()
@@ -197,33 +208,81 @@ def run_workload(args: argparse.Namespace) -> None:
                 now = time.perf_counter()
                 latencies.append(now - t)
                 if now - window_start >= 1.0:
+                    reads = sum(p.stats["thread_reads"] + p.stats["lookup_reads"] for p in prefetchers)
                     print(json.dumps({
                         "event": "window", "t": round(now - run_start, 2),
                         "samples_per_s": len(latencies) * args.batch / sum(latencies),  # model time only
                         "p99_ms": float(np.percentile(latencies, 99)) * 1000, "resident": resident_fraction(path),
+                        "reads_per_sample": (reads - reads_before) / (len(latencies) * args.batch),
+                        "prefetching": any(p.active for p in prefetchers),
                     }), flush=True)  # fmt: skip
-                    window_start, latencies = now, []
+                    window_start, latencies, reads_before = now, [], reads
                     if now - run_start >= args.seconds:
                         return
 
 
-def run_child(args: argparse.Namespace, config: Dict[str, Any], cgroup_procs: Optional[str]) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def run_child(args: argparse.Namespace, config: Dict[str, Any], cgroup_procs: Optional[str],
+              prefetch_threads: int) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:  # fmt: skip
     """Run the workload in a fresh process (in the cgroup, if given): (mapped event, windows)."""
     command = [sys.executable, os.path.abspath(__file__), "_run", "--config-json", json.dumps(config), "--store", args.store,
                "--seconds", str(args.seconds), "--batch", str(args.batch), "--alpha", str(args.alpha),
-               "--hot-rows", args.hot_rows]  # fmt: skip
+               "--hot-rows", args.hot_rows, "--drift", str(args.drift)]  # fmt: skip
 
     def enter_cgroup() -> None:
         if cgroup_procs:
             with open(cgroup_procs, "w") as f:
                 f.write(str(os.getpid()))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, preexec_fn=enter_cgroup, capture_output=True, text=True, env=env, timeout=args.seconds + 900)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLRM_STORE_PREFETCH_THREADS": str(prefetch_threads)}
+    run = subprocess.run(command, preexec_fn=enter_cgroup, capture_output=True, text=True, env=env, timeout=args.seconds + 1800)
     events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not events:
         sys.exit(f"workload process failed ({run.returncode}):\n{run.stderr[-3000:]}")
     return events[0], events[1:]
+
+
+# --- sizing: how much RAM a hit rate needs ------------------------------------------------------
+
+
+def page_heat(rows: int, row_bytes: int, alpha: float, ordered: bool) -> np.ndarray:
+    """Each 4 KiB page's share of a table's lookups (the workload's Zipf law), rows laid out
+    hottest first (``ordered``) or scattered as hashed ids are (``zipf_rows``'s bijection)."""
+    ranks = np.arange(1, rows + 1, dtype=np.float64)
+    if rows == 1:
+        share = np.ones(1)
+    else:  # P(rank = k) of the continuous inverse-CDF draw
+        a = 1.0 - alpha
+        share = np.diff(((np.concatenate([[1.0], ranks + 1.0])) ** a - 1.0) / ((rows + 1.0) ** a - 1.0))
+    row = np.arange(rows, dtype=np.int64) if ordered else (ranks.astype(np.int64) * scatter_multiplier(rows) + 12345) % rows
+    return np.bincount(row * row_bytes // PAGE, weights=share, minlength=-(-rows * row_bytes // PAGE))
+
+
+def sizing(table_rows: List[int], row_bytes: int, alpha: float, hit_rates: List[float]) -> List[Dict[str, float]]:
+    """RAM for each page-cache hit rate of the workload's lookups, for ordered and scattered
+    rows: the hottest pages of all tables, as an ideal cache would keep them (an LRU keeps
+    close to it for a stationary workload; measured in the README). The ordered entry's maps
+    (4 B an id, looked up at every id) count as resident."""
+    result = []
+    for ordered in (True, False):
+        heat = np.sort(np.concatenate([page_heat(r, row_bytes, alpha, ordered) for r in table_rows]))[::-1]
+        covered = np.cumsum(heat) / len(table_rows)  # the share of all lookups hitting the first n pages
+        maps = 4 * sum(table_rows) if ordered else 0
+        for rate in hit_rates:
+            pages = int(np.searchsorted(covered, rate)) + 1
+            result.append({"layout": "ordered" if ordered else "scattered", "hit_rate": rate,
+                           "ram_gib": (pages * PAGE + maps) / 2**30, "misses_per_sample": (1 - rate) * len(table_rows)})  # fmt: skip
+    return result
+
+
+def sizing_main(args: argparse.Namespace, table_rows: List[int], row_bytes: int) -> None:
+    print(f"RAM for a page-cache hit rate: {len(table_rows)} tables, {sum(table_rows):,} rows of {row_bytes} B, "
+          f"Zipf alpha {args.alpha} (hot ids scattered over each table when not ordered)")  # fmt: skip
+    print("| hit rate | misses a sample | RAM, ordered entry (rows + maps) | RAM, scattered rows |")
+    print("| ---: | ---: | ---: | ---: |")
+    rows = sizing(table_rows, row_bytes, args.alpha, args.hit_rates)
+    for ordered, scattered in zip(rows[: len(args.hit_rates)], rows[len(args.hit_rates) :]):
+        print(f"| {ordered['hit_rate']:.1%} | {ordered['misses_per_sample']:.2f} | {ordered['ram_gib']:.2f} GiB | "
+              f"{scattered['ram_gib']:.2f} GiB |")  # fmt: skip
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -239,17 +298,18 @@ def summarize(resident: List[Dict[str, Any]], cold: List[Dict[str, Any]], warmup
         "resident_p99_ms": statistics.median(w["p99_ms"] for w in r),
         "cold_p99_ms": statistics.median(w["p99_ms"] for w in c),
         "cold_max_resident": max(w["resident"] for w in c),
+        "cold_reads_per_sample": statistics.median(w.get("reads_per_sample", 0.0) for w in c),
         "first_cold_samples_per_s": cold[0]["samples_per_s"],
     }
 
 
 def markdown(resident: List[Dict[str, Any]], cold: List[Dict[str, Any]], every: int) -> str:
-    lines = ["| t (s) | resident: samples/s | p99 ms | cold: samples/s | p99 ms | cold: entry resident |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = ["| t (s) | resident: samples/s | p99 ms | cold: samples/s | p99 ms | cold: entry resident | cold: disk reads a sample |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for k, (r, c) in enumerate(zip(resident, cold)):
         if k % every == 0 or k == len(cold) - 1:
             lines.append(f"| {c['t']:.0f} | {r['samples_per_s']:,.0f} | {r['p99_ms']:.2f} | {c['samples_per_s']:,.0f} | "
-                         f"{c['p99_ms']:.2f} | {c['resident']:.1%} |")  # fmt: skip
+                         f"{c['p99_ms']:.2f} | {c['resident']:.1%} | {c.get('reads_per_sample', 0.0):.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -291,18 +351,31 @@ def parse_size(text: str) -> int:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="paging", choices=["paging", "_run"])
+    parser.add_argument("mode", nargs="?", default="paging", choices=["paging", "sizing", "_run"])
     parser.add_argument("--config", default=os.path.join(REPO, "model_config.json"), help="model config JSON (served on the CPU)")
     parser.add_argument("--store", default=default_store_dir(),
                         help="table store directory (default: serving's, $DLRM_TABLE_STORE or ~/.cache/dlrm/table_store)")
     parser.add_argument("--memory-limit", default="4G", help="RAM cap of the cold run (a memory cgroup), e.g. 4G")
     parser.add_argument("--seconds", type=float, default=120, help="length of each run")
-    parser.add_argument("--warmup", type=float, default=30, help="seconds before the summary's windows")
+    parser.add_argument("--warmup", type=float, default=60, help="seconds before the summary's windows")
     parser.add_argument("--batch", type=int, default=32, help="samples per batch (the served batchSize)")
     parser.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the ids")
     parser.add_argument("--hot-rows", choices=["scattered", "first"], default="scattered",
                         help="where the hot ids are: scattered over each table (hashed ids, the default), or the "
-                             "first rows (what ordering a table's rows by frequency would give)")  # fmt: skip
+                             "first rows of an unordered entry")  # fmt: skip
+    parser.add_argument("--order", choices=["counts", "none"], default="counts",
+                        help="counts: the entry ordered by the id counts of --count-samples samples of a separate "
+                             "stream of the same distribution (never the measured one); none: the unordered entry")  # fmt: skip
+    parser.add_argument("--count-samples", type=int, default=4_000_000, help="samples counted for the order")
+    parser.add_argument("--drift", type=float, default=0.0,
+                        help="share of the ranks whose ids changed between the counted period and the measured one")
+    parser.add_argument("--prefetch-threads", type=int, default=None,
+                        help="threads reading a batch's pages before its lookup (0: off; default: the store's, 8)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run the unordered entry, resident, without prefetch: the throughput before ordering")
+    parser.add_argument("--keep-ordered", action="store_true", help="keep the ordered entry (default: deleted after the runs)")
+    parser.add_argument("--hit-rates", type=float, nargs="+", default=[0.9, 0.95, 0.98, 0.99, 0.995],
+                        help="sizing: the hit rates to size RAM for")
     parser.add_argument("--quick", action="store_true", help="small tables, 20 s runs: a smoke test")
     parser.add_argument("--plot", default=PLOT)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -313,7 +386,7 @@ def main() -> None:
     args = parse_args()
     if args.mode == "_run":
         return run_workload(args)
-    from dlrm_factory import read_config_source
+    from dlrm_factory import read_config_source, resolve_model_config, row_bytes
 
     config = read_config_source(args.config)
     config["device"] = "cpu"
@@ -321,38 +394,76 @@ def main() -> None:
         config["num_embeddings_per_feature"] = [min(rows, 200_000) for rows in config["num_embeddings_per_feature"]]
         args.seconds, args.warmup, args.memory_limit = 20, 5, args.memory_limit if "--memory-limit" in sys.argv else "1G"
     config.pop("table_store", None)
+    cfg = resolve_model_config({**config, "id_counts": None})
+    if args.mode == "sizing":
+        return sizing_main(args, cfg["num_embeddings_per_feature"], row_bytes(cfg, "cpu"))
     limit = parse_size(args.memory_limit)
+    threads = int(os.environ.get("DLRM_STORE_PREFETCH_THREADS", 8)) if args.prefetch_threads is None else args.prefetch_threads
 
     print(f"== entry for {args.config}{' (quick: tables capped at 200,000 rows)' if args.quick else ''} in {args.store}", flush=True)
-    mapped, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None)
-    path = mapped["path"]
+    plain, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, 0)
+    print(f"   {plain['path']}: {os.path.getsize(plain['path']) / 1e9:.2f} GB ({'built' if plain['built'] else 'found'} "
+          f"in {plain['seconds']:.1f} s)", flush=True)  # fmt: skip
+    baseline = None
+    if args.baseline:
+        read_into_page_cache(plain["path"])
+        print("== baseline: the unordered entry, resident, no prefetch (as before ordering)", flush=True)
+        baseline = run_child(args, config, None, 0)[1]
+    path = plain["path"]
+    if args.order == "counts":
+        counts = os.path.join(args.store, "bench_counts", f"alpha{args.alpha}-{args.hot_rows}-n{args.count_samples}.safetensors")
+        if not os.path.exists(counts):
+            os.makedirs(os.path.dirname(counts), exist_ok=True)
+            started = time.perf_counter()
+            write_id_counts(counts, cfg["id_list_features_keys"], cfg["num_embeddings_per_feature"], args.count_samples,
+                            args.alpha, args.hot_rows == "scattered")  # fmt: skip
+            print(f"   counted {args.count_samples:,} samples of a separate stream in {time.perf_counter() - started:.1f} s: {counts}")
+        config["id_counts"] = counts
+        mapped, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, 0)
+        print(f"   ordered: {mapped['path']}: {os.path.getsize(mapped['path']) / 1e9:.2f} GB "
+              f"({'built' if mapped['built'] else 'found'} in {mapped['seconds']:.1f} s)", flush=True)  # fmt: skip
+        path = mapped["path"]
     size = os.path.getsize(path)
-    print(f"   {path}: {size / 1e9:.2f} GB ({'built' if mapped['built'] else 'found'} in {mapped['seconds']:.1f} s)", flush=True)
 
     read_into_page_cache(path)
-    print(f"== resident run: entry {resident_fraction(path):.0%} in the page cache", flush=True)
-    r_mapped, resident = run_child(args, config, None)
+    print(f"== resident run: entry {resident_fraction(path):.0%} in the page cache, prefetch threads {threads}", flush=True)
+    r_mapped, resident = run_child(args, config, None, threads)
 
     drop_from_page_cache(path)
     procs, how = memory_cgroup(limit)
     print(f"== cold run: entry {resident_fraction(path):.0%} in the page cache; RAM {how}", flush=True)
-    c_mapped, cold = run_child(args, config, procs)
+    c_mapped, cold = run_child(args, config, procs, threads)
     print(f"   model mapped in {c_mapped['seconds']:.1f} s with the entry cold (resident run: {r_mapped['seconds']:.1f} s)")
+    if args.order == "counts" and not args.keep_ordered:
+        os.unlink(path)
+        print(f"   deleted {path} (--keep-ordered keeps it)")
 
     every = max(1, len(cold) // 20)
     table = markdown(resident, cold, every)
     summary = summarize(resident, cold, args.warmup)
     print(table)
-    title = (f"{os.path.basename(path)} ({size / 1e9:.1f} GB), Zipf alpha {args.alpha} ({args.hot_rows} hot rows), "
-             f"batch {args.batch}, 1 thread; "
+    order = f"ordered by {args.count_samples:,} counted samples" if args.order == "counts" else "unordered"
+    title = (f"{os.path.basename(path)} ({size / 1e9:.1f} GB, {order}), Zipf alpha {args.alpha} ({args.hot_rows} hot ids"
+             f"{f', drift {args.drift:.0%}' if args.drift else ''}), batch {args.batch}, 1 thread, prefetch threads {threads}; "
              f"cold run: {how.split(' (')[0]}")  # fmt: skip
     plot(resident, cold, title, args.warmup, args.plot)
     print(f"plot: {args.plot}")
     print(f"after {args.warmup:.0f} s: cold {summary['cold_samples_per_s']:,.0f} samples/s = {summary['ratio']:.2f}x resident "
           f"({summary['resident_samples_per_s']:,.0f}), p99 {summary['cold_p99_ms']:.2f} ms vs {summary['resident_p99_ms']:.2f} ms, "
-          f"entry resident at most {summary['cold_max_resident']:.1%}; first second cold: {summary['first_cold_samples_per_s']:,.0f} samples/s")  # fmt: skip
+          f"entry resident at most {summary['cold_max_resident']:.1%}, {summary['cold_reads_per_sample']:.3f} disk reads a sample; "
+          f"first second cold: {summary['first_cold_samples_per_s']:,.0f} samples/s")  # fmt: skip
+    if baseline is not None:
+        before = statistics.median(w["samples_per_s"] for w in baseline if w["t"] > args.warmup)
+        summary["baseline_samples_per_s"] = before
+        summary["resident_vs_baseline"] = summary["resident_samples_per_s"] / before
+        print(f"resident, ordered + prefetch: {summary['resident_samples_per_s']:,.0f} samples/s = "
+              f"{summary['resident_vs_baseline']:.3f}x the unordered entry without prefetch ({before:,.0f})")  # fmt: skip
     with open(os.path.splitext(args.plot)[0] + ".json", "w") as f:
-        json.dump({"entry": path, "bytes": size, "memory": how, "summary": summary, "resident": resident, "cold": cold}, f, indent=1)
+        json.dump({"entry": path, "bytes": size, "memory": how, "args": {k: v for k, v in vars(args).items() if k != "config_json"},
+                   "summary": summary, "baseline": baseline, "resident": resident, "cold": cold}, f, indent=1)  # fmt: skip
+    print(f"ltr: resident={summary['resident_samples_per_s']:.0f} cold={summary['cold_samples_per_s']:.0f} "
+          f"ratio={summary['ratio']:.2f} resident_fraction={summary['cold_max_resident']:.3f} "
+          f"p99_ratio={summary['cold_p99_ms'] / summary['resident_p99_ms']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def test_mar_holds_handler_factory_config_and_yaml_and_nothing_else(default_mar:
             "dlrm_handler.py",
             "dlrm_lean_forward.py",
             "dlrm_request.py",
+            "dlrm_row_order.py",
             "dlrm_table_store.py",
             "model-config.yaml",
             "model_config.json",
