@@ -709,7 +709,7 @@ def tables_from_store(
         table_store.copy_into_tbes(entry, created)
     table_store.apply_row_order(entry, created)
     if on_cpu:  # a batch's missing pages read from several threads at once, before its lookup
-        model.page_prefetchers = table_store.prefetch_before_lookups(created)
+        model.page_prefetchers = table_store.prefetch_before_lookups(created, entry)
     if state is not None:
         copy_dense_weights(model, state)
     model.table_store_entry = {"path": entry.path, "built": entry.built}

@@ -58,10 +58,12 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
@@ -628,10 +630,10 @@ def advise(tensor: torch.Tensor, advice: int) -> None:
 # Overlapped reads: a batch's missing pages read concurrently, before its lookup.
 # ---------------------------------------------------------------------------------------
 
-# Threads that read a batch's pages (0: off). Reads overlap instead of queueing: the disk
-# serves several at once (measured in README "Tables larger than RAM").
-PREFETCH_THREADS = int(os.environ.get("DLRM_STORE_PREFETCH_THREADS", 8))
-PREFETCH_QUIET_BATCHES = 256  # batches without a page read before the prefetch stands down
+# Read a batch's missing pages ahead of its lookup ("0": off).
+PREFETCH = os.environ.get("DLRM_STORE_PREFETCH", "1") != "0"
+PREFETCH_ON, PREFETCH_OFF = 0.5, 0.05  # disk reads a batch (running mean) that turn it on, off
+RESIDENCY_REFRESH_SECONDS = 1.0  # how often the page-residency map is read again while on
 
 
 def _major_faults() -> int:
@@ -639,90 +641,186 @@ def _major_faults() -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_majflt
 
 
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+class _Region:
+    """A mapped tensor's pages: which are in memory (``resident``, from ``mincore``, kept
+    current between refreshes by the pages this process asks for), and ``willneed`` to ask
+    the kernel for the missing ones (``MADV_WILLNEED``: the read is queued, the call
+    returns; reads asked for one after the other are in flight together).
+
+    ``used`` marks pages as used for the kernel's page reclaim, through ``recency``: the
+    same file bytes in a second mapping without ``MADV_RANDOM``. Since Linux 6.3 accesses
+    through a ``MADV_RANDOM`` mapping do not count as uses (``vma_has_recency``), so under
+    memory pressure the lookups' hottest pages were evicted as readily as the coldest
+    (measured: disk reads a sample rose from 0.48 to 0.83 once the page cache was full).
+    Pages are touched there only after the lookup read them (in memory: no read-around)."""
+
+    def __init__(self, tensor: torch.Tensor, recency: Optional[torch.Tensor]) -> None:
+        self.tensor = tensor
+        self.recency = None if recency is None else recency.numpy()
+        self.first_page = tensor.data_ptr() // mmap.PAGESIZE
+        self.skew = tensor.data_ptr() - self.first_page * mmap.PAGESIZE
+        end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+        self.resident = np.zeros(-(-end // mmap.PAGESIZE) - self.first_page, dtype=np.uint8)
+        self.refresh()
+
+    def used(self, byte_offsets: np.ndarray) -> None:
+        """Touch these bytes through the recency mapping (after the lookup read them)."""
+        if self.recency is not None:
+            self.recency[byte_offsets]
+
+    def refresh(self) -> None:
+        fresh = np.zeros_like(self.resident)
+        if _libc.mincore(self.first_page * mmap.PAGESIZE, fresh.size * mmap.PAGESIZE, fresh.ctypes.data) == 0:
+            self.resident = fresh & 1
+
+    def willneed(self, byte_offsets: np.ndarray) -> int:
+        """Ask for the pages holding these byte offsets of the tensor that are not in memory;
+        how many were asked for."""
+        pages = (byte_offsets + self.skew) // mmap.PAGESIZE
+        missing = pages[self.resident[pages] == 0]
+        if not missing.size:
+            return 0
+        missing = np.unique(missing)
+        for page in missing.tolist():
+            _libc.madvise((self.first_page + page) * mmap.PAGESIZE, mmap.PAGESIZE, MADV_WILLNEED)
+        self.resident[missing] = 1
+        return int(missing.size)
+
+
 class PagePrefetcher:
-    """Hooked on a TBE whose weights are an entry's mapped pages: before each lookup, the pages of the
-    batch's rows (and of their map entries, in an ordered entry) are touched from ``threads``
-    threads at once: each page not in memory is read by one of them while the others read
-    theirs, so a batch waits about one disk read, not one per miss. Then the lookup runs on
-    resident pages. The scores are untouched: the threads only read.
+    """Hooked on a TBE whose weights are an entry's mapped pages: before each lookup, the
+    pages of the batch's rows that are not in memory (and of their map entries, in an
+    ordered entry) are asked for all at once (``MADV_WILLNEED``), so the disk reads them
+    together and the batch waits about one read, not one per miss; then the lookup runs. It
+    only reads: scores are untouched.
 
-    No cost when the entry is resident: the lookup's own major faults are counted
-    (``getrusage``); after PREFETCH_QUIET_BATCHES batches in which neither the threads nor
-    the lookup read a page from disk, the prefetch stands down, and the first lookup that
-    does read one turns it back on. ``stats``: batches prefetched, pages read by the threads
-    and by the lookups."""
+    Which pages are in memory: a residency map per tensor (``mincore``, read again in a
+    background thread while the prefetch is on: ``_refresh_while_on``). No cost when
+    the entry is resident: the prefetch runs only while the batches read from disk, a running
+    mean over ~64 batches of the pages asked for plus the lookup's own major faults
+    (``getrusage``) above PREFETCH_ON; below PREFETCH_OFF it stands down, leaving two
+    ``getrusage`` calls a batch. ``stats``: batches, prefetched batches, pages asked for,
+    pages the lookups still read themselves."""
 
-    def __init__(self, tbe: IntNBitTableBatchedEmbeddingBagsCodegen, threads: int) -> None:
-        self.weights = tbe.weights_host
-        self.table_of_feature = torch.tensor(tbe.feature_table_map, dtype=torch.int64)
-        self.table_start = tbe.weights_offsets.to(torch.int64).cpu()
-        self.row_bytes = torch.tensor([rounded_row_size_in_bytes(dim, ty, tbe.row_alignment, tbe.scale_bias_size_in_bytes)
-                                       for _, _, dim, ty, _ in tbe.embedding_specs], dtype=torch.int64)  # fmt: skip
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="dlrm-prefetch")
-        self.threads = threads
+    def __init__(self, tbe: IntNBitTableBatchedEmbeddingBagsCodegen, rows_used: Optional[torch.Tensor] = None,
+                 map_used: Optional[torch.Tensor] = None) -> None:  # fmt: skip
+        # numpy: a batch's arithmetic is a dozen small ops, each ~1 us in numpy, ~4 in torch
+        self.table_of_feature = np.asarray(tbe.feature_table_map, dtype=np.int64)
+        self.table_start = tbe.weights_offsets.to(torch.int64).cpu().numpy()
+        self.row_bytes = np.asarray([rounded_row_size_in_bytes(dim, ty, tbe.row_alignment, tbe.scale_bias_size_in_bytes)
+                                     for _, _, dim, ty, _ in tbe.embedding_specs], dtype=np.int64)  # fmt: skip
+        mapping = tbe.index_remappings_array if tbe.index_remappings_array.numel() else None
+        self.mapping = None if mapping is None else mapping.numpy()  # the map's mapped pages, as numpy
+        self.map_start = None if mapping is None else tbe.index_remappings_array_offsets.cpu().numpy()
+        self.rows = _Region(tbe.weights_host, rows_used)
+        self.map = _Region(mapping, map_used) if mapping is not None else None
+        self._used: List[Tuple[_Region, np.ndarray]] = []
         self.active = True  # a fresh mapping is cold until shown otherwise
-        self.quiet = 0
-        self.stats = {"batches": 0, "prefetched": 0, "thread_reads": 0, "lookup_reads": 0}
+        self.reads = 1.0  # running mean of disk reads a batch
+        self.stats = {"batches": 0, "prefetched": 0, "asked": 0, "lookup_reads": 0}
+        self._asked = 0
         self._before = 0
-        self._thread_reads = 0
         self._hooks = [tbe.register_forward_pre_hook(self.before_lookup, with_kwargs=True),
                        tbe.register_forward_hook(self.after_lookup, with_kwargs=True)]  # fmt: skip
+        threading.Thread(target=_refresh_while_on, args=(weakref.ref(self),), name="dlrm-residency", daemon=True).start()
 
     def detach(self) -> None:
         """Remove the hooks: the TBE's lookups go without prefetch from now on."""
         for hook in self._hooks:
             hook.remove()
+        self._hooks = []
+
+    def refresh(self) -> None:
+        """Read which pages are in memory again (``mincore``)."""
+        for region in (self.rows, self.map):
+            if region is not None:
+                region.refresh()
 
     def before_lookup(self, module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        """forward pre-hook of the TBE: (indices, offsets) -> their pages resident."""
-        self._thread_reads = 0
+        """forward pre-hook of the TBE: ask for the missing pages of (indices, offsets)."""
+        self._asked = 0
         indices = kwargs.get("indices", args[0] if args else None)
         offsets = kwargs.get("offsets", args[1] if len(args) > 1 else None)
         if self.active and indices is not None and offsets is not None and indices.numel():
-            self._thread_reads = self.prefetch(module, indices, offsets)
+            self._asked = self.prefetch(indices, offsets)
         self._before = _major_faults()
 
     def after_lookup(self, module: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         """forward hook of the TBE: on or off for the next batch."""
         lookup_reads = _major_faults() - self._before
+        for region, byte_offsets in self._used:
+            region.used(byte_offsets)
+        self._used = []
         self.stats["batches"] += 1
         self.stats["lookup_reads"] += lookup_reads
-        self.stats["thread_reads"] += self._thread_reads
-        if lookup_reads or self._thread_reads:
-            self.active, self.quiet = True, 0
-        elif self.active:
-            self.quiet += 1
-            self.active = self.quiet < PREFETCH_QUIET_BATCHES
+        self.stats["asked"] += self._asked
+        self.reads += (self._asked + lookup_reads - self.reads) / 64
+        if self.active and self.reads < PREFETCH_OFF:
+            self.active = False
+        elif not self.active and self.reads > PREFETCH_ON:
+            self.active = True
+            self.refresh()
 
-    def prefetch(self, tbe: Any, indices: torch.Tensor, offsets: torch.Tensor) -> int:
-        """Touch the pages of the rows of ``indices`` from the pool; pages read from disk."""
-        features = self.table_of_feature.numel()
-        bags = (offsets.numel() - 1) // features
-        per_feature = offsets[::bags].to(torch.int64).diff() if bags else torch.zeros(features, dtype=torch.int64)
-        table = torch.repeat_interleave(self.table_of_feature, per_feature)
-        ids = indices.to(torch.int64)
-        mapping = tbe.index_remappings_array
-        map_start = tbe.index_remappings_array_offsets if mapping.numel() else None
-        chunks = [(ids[i::self.threads], table[i::self.threads]) for i in range(min(self.threads, ids.numel()))]
-        reads = sum(self.pool.map(lambda chunk: self._touch(*chunk, mapping, map_start), chunks))
-        self.stats["prefetched"] += 1
-        return reads
-
-    def _touch(self, ids: torch.Tensor, table: torch.Tensor, mapping: torch.Tensor, map_start: Optional[torch.Tensor]) -> int:
-        """One thread's share: map entries, then the first and last byte of each row."""
-        before = _major_faults()
-        rows = mapping.index_select(0, map_start[table] + ids).to(torch.int64) if map_start is not None else ids
+    def prefetch(self, indices: torch.Tensor, offsets: torch.Tensor) -> int:
+        """Ask for the missing pages of the rows of ``indices`` (their map entries first,
+        whose values say where the rows are); how many pages were asked for."""
+        offsets = offsets.numpy()
+        features = self.table_of_feature.size
+        bags = (offsets.size - 1) // features
+        per_feature = np.diff(offsets[::bags]) if bags else np.zeros(features, dtype=np.int64)
+        table = np.repeat(self.table_of_feature, per_feature)
+        rows = indices.numpy().astype(np.int64, copy=False)
+        asked = 0
+        if self.map is not None:
+            positions = self.map_start[table] + rows
+            asked += self.map.willneed(positions * 4)
+            rows = self.mapping[positions].astype(np.int64)  # waits for the map pages asked for
+            self._used.append((self.map, positions * 4))
         first = self.table_start[table] + rows * self.row_bytes[table]
-        self.weights.index_select(0, torch.cat([first, first + self.row_bytes[table] - 1]))
-        return _major_faults() - before
+        row_bytes = np.concatenate([first, first + self.row_bytes[table] - 1])
+        asked += self.rows.willneed(row_bytes)
+        self._used.append((self.rows, row_bytes))
+        self.stats["prefetched"] += 1
+        return asked
 
 
-def prefetch_before_lookups(tbes: List[IntNBitTableBatchedEmbeddingBagsCodegen],
-                            threads: int = PREFETCH_THREADS) -> List[PagePrefetcher]:  # fmt: skip
-    """A ``PagePrefetcher`` on each (CPU, mapped) TBE, as its forward hooks; none if
-    ``threads`` is 0. (Hooks run when the TBE is called as a module: the lean CPU forward's
-    call; TorchRec's sharded path calls ``forward`` directly and goes without.)"""
-    return [PagePrefetcher(tbe, threads) for tbe in tbes] if threads > 0 else []
+def _refresh_while_on(prefetcher_ref: "weakref.ref[PagePrefetcher]") -> None:
+    """The residency maps of a prefetcher read again while it is on, every
+    RESIDENCY_REFRESH_SECONDS or ten times as long as a refresh takes, whichever is longer
+    (``mincore`` of the full default's 3.1M pages: ~0.2 s); ends with the prefetcher (a weak
+    reference: the model can go)."""
+    pause = RESIDENCY_REFRESH_SECONDS
+    while True:
+        time.sleep(pause)
+        prefetcher = prefetcher_ref()
+        if prefetcher is None or not prefetcher._hooks:
+            return
+        if prefetcher.active:
+            started = time.perf_counter()
+            prefetcher.refresh()
+            pause = max(RESIDENCY_REFRESH_SECONDS, 10 * (time.perf_counter() - started))
+        del prefetcher
+
+
+def prefetch_before_lookups(tbes: List[IntNBitTableBatchedEmbeddingBagsCodegen], entry: Optional[Entry] = None,
+                            on: bool = PREFETCH) -> List[PagePrefetcher]:  # fmt: skip
+    """A ``PagePrefetcher`` on each TBE whose weights are the pages of ``entry`` (the k-th
+    TBE: the entry's tensors ``tbe<k>`` and ``map<k>``), as its forward hooks; none if not
+    ``on``. (Hooks run when the TBE is called as a module: the lean CPU forward's call;
+    TorchRec's sharded path calls ``forward`` directly and goes without.)"""
+    if not on:
+        return []
+    views: Dict[str, torch.Tensor] = {}
+    if entry is not None:  # the recency mapping (_Region.used): one private mapping of the file
+        with open(entry.path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        names = [name for name, _, _ in entry_tensors(entry.layouts)]
+        views = {name: torch.frombuffer(mapped, dtype=torch.uint8, count=end - first, offset=first)
+                 for name, (first, end) in tensor_file_offsets(entry.path, names).items()}  # fmt: skip
+    return [PagePrefetcher(tbe, views.get(f"tbe{k}"), views.get(f"map{k}")) for k, tbe in enumerate(tbes)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -835,34 +933,26 @@ def _read_uncached(fd: int, direct: bool, buffer: mmap.mmap, first: int, length:
     return data
 
 
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-
-
-def resident_pages(fd: int, first: int, length: int) -> Any:
-    """numpy bool[pages]: which pages of the file's bytes [first, first + length) are in the
-    page cache (``mincore`` of a private mapping of them: mapping reads nothing)."""
-    import numpy as np
-
+def resident_pages(fd: int, first: int, length: int) -> np.ndarray:
+    """bool[pages]: which pages of the file's bytes [first, first + length) are in the page
+    cache (``mincore`` of a private mapping of them: mapping reads nothing)."""
     page = mmap.PAGESIZE
     start = first // page * page
     size = first + length - start
-    pages = -(-size // page)
-    vec = (ctypes.c_ubyte * pages)()
+    vec = np.zeros(-(-size // page), dtype=np.uint8)
     if size:
         with mmap.mmap(fd, size, offset=start, access=mmap.ACCESS_COPY) as mapped:
             anchor = ctypes.c_char.from_buffer(mapped)
             try:
-                if _libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
+                if _libc.mincore(ctypes.addressof(anchor), size, vec.ctypes.data) != 0:
                     raise OSError(ctypes.get_errno(), "mincore failed")
             finally:
                 del anchor
-    return np.frombuffer(vec, dtype=np.uint8).astype(bool)
+    return (vec & 1).astype(bool)
 
 
-def _runs(flags: Any) -> List[Tuple[int, int]]:
+def _runs(flags: np.ndarray) -> List[Tuple[int, int]]:
     """[start, end) of each run of True in a bool array."""
-    import numpy as np
-
     edges = np.flatnonzero(np.diff(np.concatenate([[0], flags.astype(np.int8), [0]])))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 

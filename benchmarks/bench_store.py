@@ -2,40 +2,51 @@
 a model whose table store entry starts out of the page cache and may not fit in memory,
 next to the same workload with the entry resident.
 
-    .venv/bin/python benchmarks/bench_store.py                  # full default (12.1 GB entry), ~5 min
-    .venv/bin/python benchmarks/bench_store.py --memory-limit 4G --seconds 90
-    .venv/bin/python benchmarks/bench_store.py --quick          # small tables, ~1 min
+    .venv/bin/python benchmarks/bench_store.py --baseline        # full default, ordered entry, ~12 min
+    .venv/bin/python benchmarks/bench_store.py --alpha 0.9        # flatter ids
+    .venv/bin/python benchmarks/bench_store.py --drift 0.2        # 20 % of the ranks changed ids since counted
+    .venv/bin/python benchmarks/bench_store.py --order none       # the unordered entry, as before
+    .venv/bin/python benchmarks/bench_store.py sizing --alpha 1.05  # RAM for a hit rate (no run)
+    .venv/bin/python benchmarks/bench_store.py verify             # the background check's window
+    .venv/bin/python benchmarks/bench_store.py --quick            # small tables, ~1 min
 
 What runs:
 1. The entry of ``--config`` (default model_config.json, on the CPU) in ``--store``, built
-   first if missing (DLRMFactory with ``table_store``).
-2. Twice, in a fresh process each, the same stream of batches (``--batch`` one-hot samples,
-   the served model: ``optimize_for_inference``, 1 torch thread), for ``--seconds``:
+   first if missing (DLRMFactory with ``table_store``). With ``--order counts`` (the
+   default) the ids of ``--count-samples`` samples of the same distribution are counted
+   from their own stream (seed 1; the measured stream is seed 0: the order never sees the
+   measured batches), and the ordered entry (config ``id_counts``) is built from them.
+2. In a fresh process each, the same stream of batches (``--batch`` one-hot samples, the
+   served model: ``optimize_for_inference``, 1 torch thread), for ``--seconds``:
+   - ``baseline`` (``--baseline``): the unordered entry resident, no prefetch: as before;
    - ``resident``: the entry read into the page cache first;
    - ``cold``: the entry's pages dropped from the page cache first
      (``posix_fadvise(DONTNEED)``), and the process placed in a memory cgroup capped at
      ``--memory-limit`` (RAM smaller than the entry: the kernel must evict table pages to
      bring others in). Without a writable memory cgroup the cap is skipped and said so.
-   The batches are an endless stream (never one twice: a repeated set would end its misses
-   after one pass), drawn in chunks outside the timed model calls. Every second: samples/s
-   over the time spent in model calls, p99 of the batches' latency, and the entry's resident fraction
-   (``mincore`` of its mapping: pages in the page cache / pages of the file).
+   ``--prefetch`` on (the store's default): a batch's missing pages are asked for together
+   before its lookup. The batches are an endless stream (never one twice: a repeated set
+   would end its misses after one pass), drawn in chunks outside the timed model calls.
+   Every second: samples/s over the time spent in model calls, p99 of the batches'
+   latency, the entry's resident fraction (``mincore``: pages in the page cache / pages of
+   the file) and disk reads a sample (pages the prefetch asked for + the lookups' major faults).
 3. A table of the windows and a plot (benchmarks/plots/bench_store.png), then the summary
    line: after warm-up (``--warmup`` seconds), the cold run's median samples/s over the
-   resident run's, and the largest resident fraction meanwhile.
+   resident run's, and the largest resident fraction meanwhile; the last line
+   ``ltr: resident=R cold=C ratio=X resident_fraction=F p99_ratio=P``.
 
 Ids: for each table of R rows, rank k in 1..R is drawn with probability ~ k^-alpha (alpha =
 1.05 like real click logs; continuous inverse-CDF of the bounded power law), and rank k is
 row (k * m + 12345) mod R with m coprime with R near R/1.618: hot ids scattered over the
 table as hashed ids are, not packed into a few pages. ``--hot-rows first`` puts rank k at
-row k - 1 instead: what a table whose rows were ordered by frequency would see (the store
-keeps TorchRec's row order today; this measures what ordering would buy). Dense features
-uniform on [0, 1).
+row k - 1 instead. ``--drift D``: the measured traffic's popularity has moved since the
+counted period: a fraction D of the ranks (at every popularity level) belong to other ids,
+cold when counted. Dense features uniform on [0, 1).
 
 Why scattered hot rows are hard: a 68 B row costs the page cache a 4 KiB page, so a page
-cache of C bytes holds only the ~C/4096 hottest rows; with alpha = 1.05 the Zipf tail keeps
-~1.4 lookups a sample outside the 0.9M hottest rows (3.4 GiB of pages), and each is a
-random 4 KiB read from disk.
+cache of C bytes holds only the ~C/4096 hottest rows; ordered, 60 hot rows share a page.
+``sizing`` computes the RAM a hit rate needs either way (``sizing``: the hottest pages, as an
+ideal cache keeps them).
 """
 
 import argparse
@@ -59,6 +70,7 @@ PLOT = os.path.join(REPO, "benchmarks", "plots", "bench_store.png")
 CGROUP_NAME = "dlrm-bench-store"
 CHUNK_BATCHES = 256  # batches drawn at once (outside the timed model calls)
 PAGE = 4096
+COUNT_CHUNK = 1 << 22  # ids drawn at once when counting
 
 
 # --- the workload ---------------------------------------------------------------------------
@@ -114,8 +126,11 @@ def write_id_counts(path: str, features: List[str], table_rows: List[int], sampl
     rng = np.random.default_rng(seed)
     counts = {}
     for feature, rows in zip(features, table_rows):
-        ids, seen = np.unique(zipf_rows(rng, rows, samples, alpha, scattered), return_counts=True)
-        counts[feature] = (ids.astype(np.int64), seen.astype(np.int64))
+        seen = np.zeros(rows, dtype=np.int64)
+        for start in range(0, samples, COUNT_CHUNK):
+            seen += np.bincount(zipf_rows(rng, rows, min(COUNT_CHUNK, samples - start), alpha, scattered), minlength=rows)
+        ids = np.flatnonzero(seen)
+        counts[feature] = (ids.astype(np.int64), seen[ids])
     write_counts(path, list(zip(features, table_rows)), counts, samples)
 
 
@@ -190,13 +205,13 @@ def run_workload(args: argparse.Namespace) -> None:
     prefetchers = getattr(model, "page_prefetchers", [])
     print(json.dumps({"event": "mapped", "seconds": time.perf_counter() - started, "path": path,
                       "built": model.table_store_entry["built"], "resident": resident_fraction(path),
-                      "prefetch_threads": prefetchers[0].threads if prefetchers else 0}), flush=True)  # fmt: skip
+                      "prefetch": bool(prefetchers)}), flush=True)  # fmt: skip
     keys = cfg["id_list_features_keys"]
     lengths = torch.ones(len(keys) * args.batch, dtype=torch.int64)
     rng = np.random.default_rng(0)  # the same endless stream in every run: no batch comes twice
     window_start = run_start = time.perf_counter()
     latencies: List[float] = []
-    reads_before = 0
+    reads_before = lookup_before = 0
     with torch.inference_mode():
         while True:
             dense, ids = make_batches(rng, cfg["num_embeddings_per_feature"], cfg["dense_in_features"], args.batch,
@@ -208,21 +223,23 @@ def run_workload(args: argparse.Namespace) -> None:
                 now = time.perf_counter()
                 latencies.append(now - t)
                 if now - window_start >= 1.0:
-                    reads = sum(p.stats["thread_reads"] + p.stats["lookup_reads"] for p in prefetchers)
+                    reads = sum(p.stats["asked"] + p.stats["lookup_reads"] for p in prefetchers)
+                    lookup_reads = sum(p.stats["lookup_reads"] for p in prefetchers)
                     print(json.dumps({
                         "event": "window", "t": round(now - run_start, 2),
                         "samples_per_s": len(latencies) * args.batch / sum(latencies),  # model time only
                         "p99_ms": float(np.percentile(latencies, 99)) * 1000, "resident": resident_fraction(path),
                         "reads_per_sample": (reads - reads_before) / (len(latencies) * args.batch),
+                        "lookup_reads_per_sample": (lookup_reads - lookup_before) / (len(latencies) * args.batch),
                         "prefetching": any(p.active for p in prefetchers),
                     }), flush=True)  # fmt: skip
-                    window_start, latencies, reads_before = now, [], reads
+                    window_start, latencies, reads_before, lookup_before = now, [], reads, lookup_reads
                     if now - run_start >= args.seconds:
                         return
 
 
 def run_child(args: argparse.Namespace, config: Dict[str, Any], cgroup_procs: Optional[str],
-              prefetch_threads: int) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:  # fmt: skip
+              prefetch: bool) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:  # fmt: skip
     """Run the workload in a fresh process (in the cgroup, if given): (mapped event, windows)."""
     command = [sys.executable, os.path.abspath(__file__), "_run", "--config-json", json.dumps(config), "--store", args.store,
                "--seconds", str(args.seconds), "--batch", str(args.batch), "--alpha", str(args.alpha),
@@ -233,7 +250,7 @@ def run_child(args: argparse.Namespace, config: Dict[str, Any], cgroup_procs: Op
             with open(cgroup_procs, "w") as f:
                 f.write(str(os.getpid()))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLRM_STORE_PREFETCH_THREADS": str(prefetch_threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLRM_STORE_PREFETCH": "1" if prefetch else "0"}
     run = subprocess.run(command, preexec_fn=enter_cgroup, capture_output=True, text=True, env=env, timeout=args.seconds + 1800)
     events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not events:
@@ -285,6 +302,33 @@ def sizing_main(args: argparse.Namespace, table_rows: List[int], row_bytes: int)
               f"{scattered['ram_gib']:.2f} GiB |")  # fmt: skip
 
 
+# --- the background check's window --------------------------------------------------------------
+
+
+def verify_window(args: argparse.Namespace, config: Dict[str, Any]) -> None:
+    """Seconds from a worker's start (``DLRMFactory`` mapping the entry, as the handler's
+    ``initialize`` does) until the background check (``verify_every_block``, what
+    ``verify_in_background``'s thread runs) has read every block at the default rate, and
+    the entry's share of the page cache before and after (dropped first: it should stay out)."""
+    from dlrm_factory import DLRMFactory
+    from dlrm_table_store import VERIFY_BYTES_PER_S, checked_in_background, file_identity, verify_every_block
+
+    path = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, False)[0]["path"]
+    drop_from_page_cache(path)
+    before = resident_fraction(path)
+    started = time.perf_counter()
+    model = DLRMFactory({**config, "table_store": args.store})
+    mapped = time.perf_counter() - started
+    problem = verify_every_block(path, file_identity(path), VERIFY_BYTES_PER_S)
+    window = time.perf_counter() - started
+    after = resident_fraction(path)
+    del model
+    print(f"{path} ({os.path.getsize(path) / 1e9:.2f} GB, checked by sample at open: {checked_in_background(path)}): "
+          f"mapped {mapped:.1f} s after start, every block verified {window:.0f} s after start at "
+          f"{VERIFY_BYTES_PER_S / 1e6:.0f} MB/s ({problem or 'no bad block'}); entry in the page cache {before:.1%} before, "
+          f"{after:.1%} after")  # fmt: skip
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -299,6 +343,7 @@ def summarize(resident: List[Dict[str, Any]], cold: List[Dict[str, Any]], warmup
         "cold_p99_ms": statistics.median(w["p99_ms"] for w in c),
         "cold_max_resident": max(w["resident"] for w in c),
         "cold_reads_per_sample": statistics.median(w.get("reads_per_sample", 0.0) for w in c),
+        "cold_lookup_reads_per_sample": statistics.median(w.get("lookup_reads_per_sample", 0.0) for w in c),
         "first_cold_samples_per_s": cold[0]["samples_per_s"],
     }
 
@@ -351,7 +396,7 @@ def parse_size(text: str) -> int:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="paging", choices=["paging", "sizing", "_run"])
+    parser.add_argument("mode", nargs="?", default="paging", choices=["paging", "sizing", "verify", "_run"])
     parser.add_argument("--config", default=os.path.join(REPO, "model_config.json"), help="model config JSON (served on the CPU)")
     parser.add_argument("--store", default=default_store_dir(),
                         help="table store directory (default: serving's, $DLRM_TABLE_STORE or ~/.cache/dlrm/table_store)")
@@ -366,11 +411,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--order", choices=["counts", "none"], default="counts",
                         help="counts: the entry ordered by the id counts of --count-samples samples of a separate "
                              "stream of the same distribution (never the measured one); none: the unordered entry")  # fmt: skip
-    parser.add_argument("--count-samples", type=int, default=4_000_000, help="samples counted for the order")
+    parser.add_argument("--count-samples", type=int, default=64_000_000, help="samples counted for the order")
     parser.add_argument("--drift", type=float, default=0.0,
                         help="share of the ranks whose ids changed between the counted period and the measured one")
-    parser.add_argument("--prefetch-threads", type=int, default=None,
-                        help="threads reading a batch's pages before its lookup (0: off; default: the store's, 8)")
+    parser.add_argument("--prefetch", choices=["on", "off"], default="on",
+                        help="a batch's missing pages asked for together before its lookup (the store's default: on)")
     parser.add_argument("--baseline", action="store_true",
                         help="also run the unordered entry, resident, without prefetch: the throughput before ordering")
     parser.add_argument("--keep-ordered", action="store_true", help="keep the ordered entry (default: deleted after the runs)")
@@ -397,18 +442,20 @@ def main() -> None:
     cfg = resolve_model_config({**config, "id_counts": None})
     if args.mode == "sizing":
         return sizing_main(args, cfg["num_embeddings_per_feature"], row_bytes(cfg, "cpu"))
+    if args.mode == "verify":
+        return verify_window(args, config)
     limit = parse_size(args.memory_limit)
-    threads = int(os.environ.get("DLRM_STORE_PREFETCH_THREADS", 8)) if args.prefetch_threads is None else args.prefetch_threads
+    prefetch = args.prefetch == "on"
 
     print(f"== entry for {args.config}{' (quick: tables capped at 200,000 rows)' if args.quick else ''} in {args.store}", flush=True)
-    plain, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, 0)
+    plain, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, False)
     print(f"   {plain['path']}: {os.path.getsize(plain['path']) / 1e9:.2f} GB ({'built' if plain['built'] else 'found'} "
           f"in {plain['seconds']:.1f} s)", flush=True)  # fmt: skip
     baseline = None
     if args.baseline:
         read_into_page_cache(plain["path"])
         print("== baseline: the unordered entry, resident, no prefetch (as before ordering)", flush=True)
-        baseline = run_child(args, config, None, 0)[1]
+        baseline = run_child(args, config, None, False)[1]
     path = plain["path"]
     if args.order == "counts":
         counts = os.path.join(args.store, "bench_counts", f"alpha{args.alpha}-{args.hot_rows}-n{args.count_samples}.safetensors")
@@ -419,20 +466,22 @@ def main() -> None:
                             args.alpha, args.hot_rows == "scattered")  # fmt: skip
             print(f"   counted {args.count_samples:,} samples of a separate stream in {time.perf_counter() - started:.1f} s: {counts}")
         config["id_counts"] = counts
-        mapped, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, 0)
+        mapped, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, False)
         print(f"   ordered: {mapped['path']}: {os.path.getsize(mapped['path']) / 1e9:.2f} GB "
               f"({'built' if mapped['built'] else 'found'} in {mapped['seconds']:.1f} s)", flush=True)  # fmt: skip
         path = mapped["path"]
     size = os.path.getsize(path)
 
+    if path != plain["path"]:
+        drop_from_page_cache(plain["path"])  # RAM for the ordered entry, as if it were the only one
     read_into_page_cache(path)
-    print(f"== resident run: entry {resident_fraction(path):.0%} in the page cache, prefetch threads {threads}", flush=True)
-    r_mapped, resident = run_child(args, config, None, threads)
+    print(f"== resident run: entry {resident_fraction(path):.0%} in the page cache, prefetch {args.prefetch}", flush=True)
+    r_mapped, resident = run_child(args, config, None, prefetch)
 
     drop_from_page_cache(path)
     procs, how = memory_cgroup(limit)
     print(f"== cold run: entry {resident_fraction(path):.0%} in the page cache; RAM {how}", flush=True)
-    c_mapped, cold = run_child(args, config, procs, threads)
+    c_mapped, cold = run_child(args, config, procs, prefetch)
     print(f"   model mapped in {c_mapped['seconds']:.1f} s with the entry cold (resident run: {r_mapped['seconds']:.1f} s)")
     if args.order == "counts" and not args.keep_ordered:
         os.unlink(path)
@@ -444,13 +493,14 @@ def main() -> None:
     print(table)
     order = f"ordered by {args.count_samples:,} counted samples" if args.order == "counts" else "unordered"
     title = (f"{os.path.basename(path)} ({size / 1e9:.1f} GB, {order}), Zipf alpha {args.alpha} ({args.hot_rows} hot ids"
-             f"{f', drift {args.drift:.0%}' if args.drift else ''}), batch {args.batch}, 1 thread, prefetch threads {threads}; "
+             f"{f', drift {args.drift:.0%}' if args.drift else ''}), batch {args.batch}, 1 thread, prefetch {args.prefetch}; "
              f"cold run: {how.split(' (')[0]}")  # fmt: skip
     plot(resident, cold, title, args.warmup, args.plot)
     print(f"plot: {args.plot}")
     print(f"after {args.warmup:.0f} s: cold {summary['cold_samples_per_s']:,.0f} samples/s = {summary['ratio']:.2f}x resident "
           f"({summary['resident_samples_per_s']:,.0f}), p99 {summary['cold_p99_ms']:.2f} ms vs {summary['resident_p99_ms']:.2f} ms, "
-          f"entry resident at most {summary['cold_max_resident']:.1%}, {summary['cold_reads_per_sample']:.3f} disk reads a sample; "
+          f"entry resident at most {summary['cold_max_resident']:.1%}, {summary['cold_reads_per_sample']:.3f} disk reads a sample "
+          f"({summary['cold_lookup_reads_per_sample']:.3f} not prefetched); "
           f"first second cold: {summary['first_cold_samples_per_s']:,.0f} samples/s")  # fmt: skip
     if baseline is not None:
         before = statistics.median(w["samples_per_s"] for w in baseline if w["t"] > args.warmup)

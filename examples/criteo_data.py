@@ -70,8 +70,10 @@ CRITEO_1TB_NUM_EMBEDDINGS: List[int] = [
 # Tables capped as TorchRec's DLRM example does (--num_embeddings 100,000): 26 tables,
 # 917,130 rows; at D = 32, 117 MB of float weights.
 DEFAULT_TABLE_CAP = 100_000
-# numpy stream purposes: the truth, training samples, held-out samples, bias calibration.
-TRUTH, TRAIN, HELD_OUT, CALIBRATION = 0, 1, 2, 3
+# numpy stream purposes: the truth, training samples, held-out samples, bias calibration,
+# id counts (write_id_counts).
+TRUTH, TRAIN, HELD_OUT, CALIBRATION, COUNTS = 0, 1, 2, 3, 4
+ID_COUNTS_FILE = "id_counts.safetensors"  # next to the checkpoint: the order of an ordered entry
 
 
 def capped_table_sizes(cap: int = DEFAULT_TABLE_CAP) -> List[int]:
@@ -353,6 +355,35 @@ class SyntheticCriteo:
             labels=torch.from_numpy(clicks.astype(np.float32)),
             oracle_logit=torch.from_numpy(z.astype(np.float32)),
         )
+
+
+# ---------------------------------------------------------------------------------------
+# Id counts of the training data: the order of a frequency-ordered table store entry.
+# ---------------------------------------------------------------------------------------
+
+
+def write_id_counts(path: str, data: Dict[str, Any], table_sizes: Sequence[int], keys: Sequence[str], samples: int,
+                    chunk_rows: int = 1 << 20) -> str:  # fmt: skip
+    """Write the per-table id counts of ``samples`` training samples to ``path`` (an id
+    counts file, ``dlrm_row_order``): the first lines of the TSV files trained on, or, for
+    synthetic data (``data["source"]``), that many fresh samples of the same world (its own
+    stream: the training batches are not kept). A config whose ``id_counts`` names the file
+    gets a table store entry with its hot rows first. Returns ``path``."""
+    from dlrm_row_order import IdCounter
+
+    counter = IdCounter(keys, table_sizes)
+    if data["source"] == "tsv":
+        for chunk in iter_criteo_tsv(data["train"], table_sizes, chunk_rows=chunk_rows):
+            counter.add_sample_major(chunk.ids[: samples - counter.samples])
+            if counter.samples >= samples:
+                break
+    else:
+        world = SyntheticCriteo(table_sizes=data["table_sizes"], seed=data["seed"])
+        for index, start in enumerate(range(0, samples, chunk_rows)):
+            _, ids = world._features(min(chunk_rows, samples - start), _rng(data["seed"], COUNTS, index))
+            counter.add_sample_major(torch.from_numpy(ids))
+    counter.write(path)
+    return path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

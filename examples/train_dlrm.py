@@ -12,6 +12,8 @@ writes, in ``--out``:
     training.json       the data, the settings and the figures of the run (read by
                         ``benchmarks/bench_accuracy.py`` to rebuild the same held-out set)
     request.json        4 held-out samples as a request body: ``curl --data @request.json``
+    id_counts.safetensors  the training data's ids, counted per table: set the config's
+                        ``id_counts`` to it for a table store entry with the hot rows first
 
 The model is TorchRec's own: ``DLRM`` over an ``EmbeddingBagCollection`` (tables
 ``t_cat_0`` ... ``t_cat_25``, built by ``dlrm_factory.build_embedding_bag_configs`` from the
@@ -288,6 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     training = {"data": data, "args": {k: v for k, v in vars(args).items()}, "figures": figures}
     example = None if held_out is None else held_out.slice(0, REQUEST_SAMPLES)
     checkpoint, config_path = save(model, config, args.out, training, example)
+    criteo_data.write_id_counts(os.path.join(args.out, criteo_data.ID_COUNTS_FILE), data, table_sizes, keys, seen)
     for key, value in figures.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(f"wrote {checkpoint} and {config_path}; package them for TorchServe with:\n"

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any, Dict, List
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, "examples"))
 
 import criteo_data  # noqa: E402
+import dlrm_row_order  # noqa: E402
 import train_dlrm  # noqa: E402
 from criteo_data import SyntheticCriteo  # noqa: E402
 from dlrm_factory import DLRMFactory  # noqa: E402
@@ -161,6 +163,11 @@ def test_training_on_tsv_files_takes_every_line_and_evaluates_on_the_eval_file(t
     assert training["figures"]["steps"] == 2 and training["figures"]["samples"] == 6  # batches of 4 and 2
     assert training["figures"]["eval_samples"] == 3
     assert os.path.isfile(tmp_path / "out" / "checkpoint.pt")
+    _, counts, samples = dlrm_row_order.read_counts(str(tmp_path / "out" / "id_counts.safetensors"))
+    expected = criteo_data.read_criteo_tsv([tiny_tsv], criteo_data.capped_table_sizes(100)).ids
+    assert samples == 6  # every line trained on, each file's ids counted: each id twice
+    assert counts["cat_0"][0].tolist() == sorted(set(expected[:, 0].tolist()))
+    assert counts["cat_0"][1].sum() == 6 and set(counts["cat_0"][1].tolist()) <= {2, 4, 6}
 
 
 # --- a short training run ---------------------------------------------------------------------
@@ -187,6 +194,22 @@ def test_short_training_run_lowers_the_loss_below_the_best_constant(short_run: D
     assert figures["last_loss"] < figures["first_loss"] - 0.4
     assert figures["log_loss"] < constant
     assert figures["auc"] > 0.65
+
+
+def test_training_writes_the_id_counts_its_config_orders_an_entry_by(short_run: Dict[str, Any], tmp_path: Any) -> None:
+    out = short_run["out"]
+    with open(os.path.join(out, "model_config.json")) as f:
+        config = json.load(f)
+
+    tables, counts, samples = dlrm_row_order.read_counts(os.path.join(out, "id_counts.safetensors"))
+
+    assert tables == list(zip(config["id_list_features_keys"], SMALL_SIZES)) and samples == 80 * 2048
+    assert all(seen.sum() == samples for _, seen in counts.values())  # one id a table a sample
+    seen = counts["cat_0"][1]
+    assert seen.max() > 10 * np.median(seen)  # Zipf: a few ids carry most lookups
+    model = DLRMFactory({**config, "device": "cpu", "table_store": str(tmp_path),
+                         "id_counts": os.path.join(out, "id_counts.safetensors")})  # fmt: skip
+    assert "-ordered-" in model.table_store_entry["path"]
 
 
 def test_training_writes_a_checkpoint_and_config_that_the_factory_serves_exactly(short_run: Dict[str, Any]) -> None:
