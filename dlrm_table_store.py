@@ -286,17 +286,25 @@ def verify_blocks(path: str, offsets: Dict[str, Tuple[int, int]], crcs: Dict[str
     """None if the checked blocks of the file match their CRC-32s, else what differs.
     ``offsets``: each tensor's (first byte, end) in the file. Read with ``pread``, not
     through the mapping: sequential reads get the kernel's readahead, and the mapping is
-    left to the lookups' random access (``MADV_RANDOM``)."""
+    left to the lookups' random access (``MADV_RANDOM``). A sample (not ``full``: an entry
+    larger than RAM, maybe) is read around the page cache (``_read_uncached``): its random
+    blocks would take the place of the pages the lookups need."""
     checks = _checked_blocks(crcs, full)
-    fd = os.open(path, os.O_RDONLY)
+    fd, direct = (os.open(path, os.O_RDONLY), False) if full else _open_uncached(path)
 
     def check(block: Tuple[str, int]) -> Optional[str]:
         name, i = block
         first, end = offsets[name]
         start, stop = _blocks(end - first)[i]
-        data = os.pread(fd, stop - start, first + start)
-        found = _crc(data)
-        if len(data) != stop - start or found != crcs[name][i]:
+        if direct:
+            with mmap.mmap(-1, stop - start + 2 * IO_ALIGNMENT) as buffer:
+                data = _read_uncached(fd, direct, buffer, first + start, stop - start)
+                size, found = len(data), _crc(data)
+                del data  # a view of the buffer
+        else:
+            data = os.pread(fd, stop - start, first + start)
+            size, found = len(data), _crc(data)
+        if size != stop - start or found != crcs[name][i]:
             return f"{name} bytes [{start}, {stop}): CRC-32 {found}, header says {crcs[name][i]}"
         return None
 

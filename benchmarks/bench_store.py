@@ -389,6 +389,12 @@ def plot(resident: List[Dict[str, Any]], cold: List[Dict[str, Any]], title: str,
     fig.savefig(path, dpi=120)
 
 
+def plot_title(entry: str, size: int, order: str, args: argparse.Namespace, how: str) -> str:
+    return (f"{entry} ({size / 1e9:.1f} GB, {order})\nZipf alpha {args.alpha} ({args.hot_rows} hot ids"
+            f"{f', drift {args.drift:.0%}' if args.drift else ''}), batch {args.batch}, 1 thread, prefetch {args.prefetch}; "
+            f"cold run: {how.split(' (')[0]}")  # fmt: skip
+
+
 def parse_size(text: str) -> int:
     units = {"K": 2**10, "M": 2**20, "G": 2**30}
     return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
@@ -492,9 +498,7 @@ def main() -> None:
     summary = summarize(resident, cold, args.warmup)
     print(table)
     order = f"ordered by {args.count_samples:,} counted samples" if args.order == "counts" else "unordered"
-    title = (f"{os.path.basename(path)} ({size / 1e9:.1f} GB, {order}), Zipf alpha {args.alpha} ({args.hot_rows} hot ids"
-             f"{f', drift {args.drift:.0%}' if args.drift else ''}), batch {args.batch}, 1 thread, prefetch {args.prefetch}; "
-             f"cold run: {how.split(' (')[0]}")  # fmt: skip
+    title = plot_title(os.path.basename(path), size, order, args, how)
     plot(resident, cold, title, args.warmup, args.plot)
     print(f"plot: {args.plot}")
     print(f"after {args.warmup:.0f} s: cold {summary['cold_samples_per_s']:,.0f} samples/s = {summary['ratio']:.2f}x resident "
