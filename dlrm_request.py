@@ -715,9 +715,10 @@ RawRequest = Tuple[Any, Optional[str]]
 
 
 def _parse_one(body: Any, header_length: Optional[str], cfg: Dict[str, Any]) -> Tuple[Union[ParsedArrays, ValueError], Any]:
-    """(its arrays or its error, the decoded JSON request or None) of one request: binary
-    requests by ``parse_binary_request`` (values checked), JSON ones by the fast path,
-    else by ``parse_request`` (which raises the error)."""
+    """(its arrays or its error, the decoded JSON request if its values are still to be
+    checked, else None) of one request: binary requests by ``parse_binary_request`` (values
+    checked), JSON ones by the fast path, else by ``parse_request`` (which raises the
+    error)."""
     if isinstance(body, ValueError):  # refused before parsing (``v2_request``)
         return body, None
     try:
@@ -769,8 +770,9 @@ def parse_batch(requests: List[RawRequest], cfg: Dict[str, Any]) -> Tuple[Reques
     parsed = [p for p, _ in outcomes if not isinstance(p, ValueError)]
     dense, lengths, values = _stack(parsed, cfg)
     try:  # each request's lengths add up already (``check_lengths``): the batch's do too
-        check_dense(dense)
-        check_ids(lengths, values, cfg)
+        if any(request is not None for _, request in outcomes):  # else all checked alone
+            check_dense(dense)
+            check_ids(lengths, values, cfg)
     except ValueError:
         outcomes = [_recheck(p, request, cfg) for p, request in outcomes]
         parsed = [p for p, _ in outcomes if not isinstance(p, ValueError)]

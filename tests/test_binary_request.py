@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton_http
+from ts.context import RequestProcessor
 
+from dlrm_handler import TorchRecDLRMHandler
 from dlrm_request import (
     BINARY_HEADER,
     answer_bodies,
@@ -34,6 +36,7 @@ from dlrm_request import (
     read_binary_answer,
 )
 from request_strategies import CONFIGS, MAX_SAMPLES, TABLE_SIZES, F, N
+from test_handler import model_dir, stand_in_context  # noqa: F401 - model_dir: the fixture
 
 CFG = CONFIGS["error"]
 
@@ -277,3 +280,27 @@ def test_each_requested_output_has_its_own_binary_data_parameter() -> None:
     outputs = read_binary_answer(payload, headers[BINARY_HEADER])
     assert list(outputs) == ["probability", "score"] and outputs["score"].tolist() == [0.0, 2.0]
     assert json.loads(payload[: int(headers[BINARY_HEADER])])["outputs"][1]["data"] == [0.0, 2.0]
+
+
+# --- the handler on a stand-in TorchServe context ----------------------------------------------
+
+
+def test_handler_answers_a_binary_row_in_binary_and_its_json_neighbour_in_json(model_dir: str) -> None:
+    """The handler's side (TorchServe's own Context, as test_handler.py builds it): the
+    row with an Inference-Header-Content-Length header (any case) is parsed as binary and
+    answered with that header; the JSON row next to it gets its JSON answer."""
+    handler = TorchRecDLRMHandler()
+    handler.initialize(stand_in_context(model_dir, 0))
+    request = json_request(2, seed=9)
+    body, length = binary_twin(request)
+    context = stand_in_context(model_dir, 2)
+    context.request_processor = [RequestProcessor({}), RequestProcessor({BINARY_HEADER.lower(): str(length)})]
+    handler.context = context
+    json_answer, binary_answer = handler.handle([{"body": json.dumps(request).encode()}, {"body": bytearray(body)}], context)
+    assert context.get_response_content_type(0) == "application/json"
+    headers = context.get_response_headers(1)
+    assert headers["content-type"] == "application/octet-stream"
+    header = json.loads(binary_answer[: int(headers[BINARY_HEADER])])
+    assert [output["name"] for output in header["outputs"]] == ["score", "probability"]
+    scores = read_binary_answer(binary_answer, headers[BINARY_HEADER])["score"]
+    assert scores.tolist() == json.loads(json_answer)["score"]
