@@ -468,7 +468,8 @@ def _binary_header(body: Any, header_length: Any) -> Tuple[Dict[str, Any], int]:
             f"request body: its first {length} bytes ({BINARY_HEADER}) are not valid JSON ({e}); expected the "
             f"open inference protocol's JSON header"
         ) from None
-    _refuse_duplicate_keys(header_text)  # as for JSON requests: parsers disagree on which copy counts
+    if _more_colons_than(header_text, _count_keys(header)):  # a key given twice, perhaps:
+        _refuse_duplicate_keys(header_text)  # as for JSON requests (parsers disagree on the copy)
     if type(header) is not dict or type(header.get("inputs")) is not list:
         raise invalid_input(
             f"request body: the JSON header (its first {length} bytes) is {_describe(header)}"
@@ -476,6 +477,21 @@ def _binary_header(body: Any, header_length: Any) -> Tuple[Dict[str, Any], int]:
             f'"inputs": [{", ".join(REQUEST_KEYS)}]'
         )
     return header, length
+
+
+def _count_keys(value: Any) -> int:
+    """The keys of every JSON object in ``value``. Each key-value pair of JSON text holds
+    one ':' outside strings, so text with no more ':' than this holds no key twice (the
+    cheap test of ``decode_body``, for nested objects)."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            count += len(item)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return count
 
 
 def _shape_of(name: str, tensor: Dict[str, Any]) -> List[int]:

@@ -166,6 +166,12 @@ def billion_samples(header: Dict[str, Any], data: bytes) -> Tuple[Dict[str, Any]
     return header, data
 
 
+def key_twice(header: Dict[str, Any], data: bytes) -> Tuple[bytes, int]:
+    """VALID's binary body with float_features' datatype given twice in its JSON header."""
+    text = json.dumps(header).replace('"datatype": "FP32"', '"datatype": "FP32", "datatype": "FP64"', 1).encode()
+    return text + data, len(text)
+
+
 BODY, LENGTH = binary_twin(VALID)
 VALUES_SIZE = len(VALID["id_list_features.values"]) * 8
 # (case, body, Inference-Header-Content-Length, HTTP status, what the message starts with)
@@ -199,6 +205,8 @@ MALFORMED: List[Tuple[str, bytes, Any, int, str]] = [
      "id_list_features.lengths: got shape [3, 2]; expected [2, 3]"),
     ("nan", *mutated(nan_dense), 400, "float_features[0][0]: got the float nan; expected a finite number"),
     ("id_out_of_range", *mutated(out_of_range_id), 400, "id_list_features.values["),
+    ("key_twice_in_header", *key_twice(*header_and_data(BODY, LENGTH)), 400,
+     "request body: the key 'datatype': given 2 times in one JSON object"),
     ("bad_outputs", *mutated(lambda h, d: ({**h, "outputs": [{"name": "logit"}]}, d)), 400,
      "outputs: got an output named 'logit'"),
 ]  # fmt: skip
