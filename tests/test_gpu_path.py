@@ -284,6 +284,23 @@ def test_an_entry_built_for_serving_is_the_one_the_worker_maps(tmp_path: Any) ->
     assert served == {"path": built["path"], "built": False}
 
 
+def test_a_gpu_workers_entry_is_built_without_putting_a_table_on_a_device(tmp_path: Any) -> None:
+    """What ``build_store_entry`` does on a GPU host, run here: the CUDA plan (16-B rows on the
+    device), TorchRec sharding onto ``meta``. The entry is built, no TBE holds memory, and its
+    bytes are the CPU entry's (the host layout is the same on every device)."""
+    config = small_model_config(table_store=str(tmp_path))
+    model, eb_configs, cfg = planned_model(config)
+    plan = plan_to_fit(model, eb_configs, cfg, "cuda", 1, {0: (10**9, 10**9)})
+    with dlrm_factory.tables_on_meta():
+        gpu_model = dlrm_factory.tables_from_store(model, plan, cfg, eb_configs, "cuda", 1)
+    tbes = list(dlrm_factory._sharded_tbes(gpu_model))
+    assert [(tbe.row_alignment, tbe.weights_dev.is_meta, tbe.weights_host.is_meta) for tbe in tbes] == [(16, True, True)]
+    gpu_entry = gpu_model.table_store_entry
+    cpu_entry = DLRMFactory(config).table_store_entry
+    assert gpu_entry["built"] and "-cuda1-" in gpu_entry["path"] and "-cpu1-" in cpu_entry["path"]
+    assert torch.equal(open_for(gpu_entry["path"], "random").tensors[0], open_for(cpu_entry["path"], "random").tensors[0])
+
+
 # --- init that does not depend on the device ---------------------------------------------------
 
 
