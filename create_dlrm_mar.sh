@@ -88,18 +88,19 @@ if [[ -n "$CHECKPOINT" ]]; then
 fi
 
 if [[ -n "$TABLE_STORE" ]]; then
-  # The entry a worker would build at its first start: the packaged config, its checkpoint
-  # (and digest) as packaged, into TABLE_STORE.
+  # The entry the first worker would build at its start: the packaged config, its checkpoint
+  # (and digest) as packaged, into TABLE_STORE. The entry only: on a GPU host nothing is put
+  # on the GPUs (dlrm_factory.build_store_entry).
   "$PYTHON" -c '
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-from dlrm_factory import DLRMFactory
+from dlrm_factory import build_store_entry
 staged, store = sys.argv[2:4]
 with open(os.path.join(staged, "model_config.json")) as f:
     config = json.load(f)
 if config.get("checkpoint"):
     config["checkpoint"] = os.path.join(staged, "checkpoint.pt")
-entry = DLRMFactory({**config, "table_store": store}).table_store_entry
+entry = build_store_entry({**config, "table_store": store})
 print("table store:", entry["path"], "(built)" if entry["built"] else "(already there)")
 ' "$HERE" "$STAGE/files" "$TABLE_STORE"
 fi

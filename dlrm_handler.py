@@ -42,7 +42,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
 import dlrm_table_store as table_store
-from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config
+from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config, serving_config, visible_gpus
 from dlrm_lean_forward import optimize_for_inference
 from dlrm_request import (
     BAD_REQUEST,
@@ -165,15 +165,25 @@ class TorchRecDLRMHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         """Build the model. BaseHandler's model loading is not used: it would call the model
-        file's class with no arguments, and a DLRM needs its config."""
+        file's class with no arguments, and a DLRM needs its config.
+
+        Devices: this worker's own GPU, ``context.system_properties["gpu_id"]`` (TorchServe
+        hands them out round robin: one worker per GPU by default), and world_size GPUs from
+        there when the config asks for more; the CPU when TorchServe gave it none
+        (number_of_gpu=0). Its share of each GPU's memory counts the workers that share one
+        (the model YAML's maxWorkers; absent: one per GPU). See ``serving_config``."""
         self.context = context
         self.manifest = context.manifest
         self.model_yaml_config = getattr(context, "model_yaml_config", None) or {}
         model_dir = context.system_properties["model_dir"]
-        self.config = read_served_config(model_dir)
-        logger.info(
-            "DLRM config from %s: %s", os.path.join(model_dir, CONFIG_FILE), json.dumps(self.config)
+        gpu_id = context.system_properties.get("gpu_id")
+        self.config = serving_config(
+            read_served_config(model_dir), gpu_id, visible_gpus(), self.model_yaml_config.get("maxWorkers")
         )
+        logger.info(
+            "DLRM config from %s (TorchServe gpu_id %s): %s",
+            os.path.join(model_dir, CONFIG_FILE), gpu_id, json.dumps(self.config),
+        )  # fmt: skip
         self.model = DLRMFactory(self.config)
         logger.info("tables: %s", getattr(self.model, "table_store_entry", "built in memory (no table store)"))
         threads = serving_threads(self.model_yaml_config)

@@ -205,10 +205,21 @@ def tbe_weights_from(
 
 def copy_into_tbes(entry: Entry, tbes: List[IntNBitTableBatchedEmbeddingBagsCodegen], chunk_rows: int = 1 << 18) -> None:
     """Copy an entry's tables into TBEs that hold their own weights (CUDA shards: rows padded
-    to 16 B on the device), table by table, ``chunk_rows`` rows at a time."""
+    to 16 B on the device), table by table, ``chunk_rows`` rows at a time.
+
+    The entry is read once, front to back (open it with ``access="sequential"``): the next
+    chunk is asked for ahead (``MADV_WILLNEED``: the kernel reads it while this one is copied)
+    and each copied chunk is dropped from this process (``MADV_DONTNEED``), so a cold entry
+    is read in large requests and the mapping holds about two chunks at a time, none after. TBEs on
+    ``meta`` (an entry built without a GPU model, ``dlrm_factory.build_store_entry``) get
+    nothing: the entry is not read."""
     if len(tbes) != len(entry.tensors):
         raise StoreError(f"table store: {len(tbes)} TBEs to fill; {entry.path} holds {len(entry.tensors)}")
     for tbe, buffer, layout in zip(tbes, entry.tensors, entry.layouts):
+        names = [spec[0] for spec in tbe.embedding_specs]
+        if names != [table["name"] for table in layout["tables"]]:
+            raise StoreError(f"table store: the TBE holds tables {names}; {entry.path} has "
+                             f"{[table['name'] for table in layout['tables']]} there")  # fmt: skip
         targets = tbe.split_embedding_weights(split_scale_shifts=False)  # [R, padded row] each
         for (target, _), table in zip(targets, layout["tables"]):
             width = table["row_bytes"]
@@ -216,8 +227,14 @@ def copy_into_tbes(entry: Entry, tbes: List[IntNBitTableBatchedEmbeddingBagsCode
             if target.shape[0] != table["rows"] or target.shape[1] < width:
                 raise StoreError(f"table store: table {table['name']} is {tuple(target.shape)} in the TBE; "
                                  f"{entry.path} has {table['rows']} x {width}")  # fmt: skip
+            if target.is_meta:
+                continue
+            advise(source[:chunk_rows], MADV_WILLNEED)
             for start in range(0, table["rows"], chunk_rows):
+                advise(source[start + chunk_rows : start + 2 * chunk_rows], MADV_WILLNEED)
                 target[start : start + chunk_rows, :width].copy_(source[start : start + chunk_rows])
+                advise(source[start : start + chunk_rows], MADV_DONTNEED)
+        advise(buffer, MADV_DONTNEED)  # and what the kernel mapped around the faults (fault-around)
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,6 +302,12 @@ def verify_blocks(path: str, offsets: Dict[str, Tuple[int, int]], crcs: Dict[str
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MADV_RANDOM = 1
+MADV_SEQUENTIAL = 2
+MADV_WILLNEED = 3
+MADV_DONTNEED = 4
+# How a mapped entry will be read (open_entry's ``access``): lookups on the CPU, or one copy
+# to the GPUs.
+ACCESS_ADVICE = {"random": MADV_RANDOM, "sequential": MADV_SEQUENTIAL}
 
 
 def advise_random_access(tensor: torch.Tensor) -> None:
@@ -298,9 +321,26 @@ def advise_random_access(tensor: torch.Tensor) -> None:
         logger.warning("table store: madvise(MADV_RANDOM) failed: %s", os.strerror(ctypes.get_errno()))
 
 
-def open_entry(path: str, digest: str, full: Optional[bool] = None) -> Entry:
+def advise(tensor: torch.Tensor, advice: int) -> None:
+    """``madvise(advice)`` over the pages of a mapped tensor (a contiguous byte range; the
+    first page rounded down): ``MADV_SEQUENTIAL`` (read ahead, drop pages behind first),
+    ``MADV_WILLNEED`` (start reading them now), ``MADV_DONTNEED`` (unmap them from this
+    process; the file's pages stay in the page cache for others), ``MADV_RANDOM``."""
+    if not tensor.numel():
+        return
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    if _libc.madvise(start, end - start, advice) != 0:
+        logger.warning("table store: madvise(%d) failed: %s", advice, os.strerror(ctypes.get_errno()))
+
+
+def open_entry(path: str, digest: str, full: Optional[bool] = None, access: str = "random") -> Entry:
     """Map the entry at ``path`` and check it (header, key, blocks); raises ``ValueError``
-    saying what is wrong. ``full``: check every block (default: up to FULL_VERIFY_MAX_BYTES)."""
+    saying what is wrong. ``full``: check every block (default: up to FULL_VERIFY_MAX_BYTES).
+    ``access``: how the mapping will be read - ``"random"`` (CPU lookups: ``MADV_RANDOM``, no
+    readahead) or ``"sequential"`` (one copy to the GPUs, ``copy_into_tbes``: readahead)."""
+    if access not in ACCESS_ADVICE:
+        raise ValueError(f"table store: access {access!r}; expected one of {sorted(ACCESS_ADVICE)}")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -332,7 +372,7 @@ def open_entry(path: str, digest: str, full: Optional[bool] = None) -> Entry:
     if bad:
         raise ValueError(f"corrupted: {bad}")
     for tensor in tensors.values():
-        advise_random_access(tensor)
+        advise_random_access(tensor) if access == "random" else advise(tensor, ACCESS_ADVICE[access])
     return Entry(path, [tensors[name] for name in names], layouts, built=False)
 
 
@@ -422,10 +462,12 @@ def open_or_build(
     key: Dict[str, Any],
     layouts: Callable[[], List[Dict[str, Any]]],
     fill: Callable[[List[torch.Tensor], List[Dict[str, Any]]], None],
+    access: str = "random",
 ) -> Entry:
     """The store's entry for ``key``, mapped: opened if it is there and sound, else built
     (once, under the lock; ``layouts()`` says what to allocate, ``fill`` writes the tables)
-    and published atomically. A read-only store without a sound entry raises StoreError."""
+    and published atomically. A read-only store without a sound entry raises StoreError.
+    ``access``: how the mapping will be read (``open_entry``)."""
     store_dir = os.path.abspath(store_dir)
     digest = key_digest(key)
     path = entry_path(store_dir, label, digest)
@@ -433,7 +475,7 @@ def open_or_build(
     problem = "missing"
     if os.path.exists(path):
         try:
-            return open_entry(path, digest)
+            return open_entry(path, digest, access=access)
         except ValueError as e:
             problem = str(e)
     if not _writable(store_dir):
@@ -446,7 +488,7 @@ def open_or_build(
     with _exclusive(os.path.join(store_dir, f".{name}.lock"), path):
         if os.path.exists(path):  # built by another process while this one waited, or bad
             try:
-                return open_entry(path, digest)
+                return open_entry(path, digest, access=access)
             except ValueError as e:
                 logger.warning("table store: removing %s (%s)", path, e)
                 os.unlink(path)
@@ -463,7 +505,7 @@ def open_or_build(
                 os.unlink(temp)
             raise
         _fsync_dir(store_dir)
-        entry = open_entry(path, digest)  # the checks every later open makes (its CRCs were just computed)
+        entry = open_entry(path, digest, access=access)  # the checks every later open makes (its CRCs were just computed)
         logger.info("table store: built %s (%.2f GB) in %.1f s", path, os.path.getsize(path) / 1e9, time.perf_counter() - started)
         return entry._replace(built=True)
 
