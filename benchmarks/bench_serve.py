@@ -583,8 +583,10 @@ def yaml_threads(model_yaml: str) -> int:
         return serving_threads(yaml.safe_load(f) or {})
 
 
-def threads_of(model: str, args: argparse.Namespace) -> int:
-    return int(model[len("dlrm_t"):]) if model.startswith("dlrm_t") else yaml_threads(args.model_yaml)
+def model_threads(models: List[str], args: argparse.Namespace) -> Dict[str, int]:
+    """Each model's torch threads per worker (0 for the no-op), read once before the run."""
+    own = yaml_threads(args.model_yaml)
+    return {m: 0 if m == "noop" else int(m[len("dlrm_t"):]) if m.startswith("dlrm_t") else own for m in models}
 
 
 def main() -> None:
@@ -613,6 +615,7 @@ def main() -> None:
     print(request_cost_markdown(costs), flush=True)
 
     models = (["noop"] if not args.no_noop else []) + dlrm_models(args)
+    threads_of = model_threads(models, args)
     print(f"== packaging {', '.join(models)} ({len(config['num_embeddings_per_feature'])} tables, {rows:,} rows) "
           f"with {os.path.relpath(args.model_yaml)}", flush=True)  # fmt: skip
     store = build_mars(workdir, config, args)
@@ -639,7 +642,7 @@ def main() -> None:
                 scale(server, models, workers)
                 for samples in args.samples_per_request:
                     cell = {"samples": samples, "workers": workers, "round": round_}
-                    for threads in [] if args.no_in_process else sorted({threads_of(m, args) for m in models if m != "noop"}):
+                    for threads in [] if args.no_in_process else sorted({threads_of[m] for m in models if m != "noop"}):
                         for processes in sorted({workers if c > 1 else 1 for c in args.connections}):
                             r = in_process(config, bodies[samples, "json"][1], None, samples, processes, threads, args.duration)
                             for connections in (c for c in args.connections if (workers if c > 1 else 1) == processes):
@@ -651,7 +654,7 @@ def main() -> None:
                         for connections in args.connections:
                             for model in (m for m in models if not (m == "base" and fmt == "binary")):  # before binary
                                 r = measure(server, model, connections, args, lua, path, fmt, header_length)
-                                r.update(cell, threads=threads_of(model, args) if model != "noop" else 0,
+                                r.update(cell, threads=threads_of[model],
                                          samples_per_s=r["rps"] * samples)  # fmt: skip
                                 runs.append(r)
                                 print(f"  round {round_ + 1}/{args.rounds}  {model:8s} {fmt:6s} x{workers} {samples:4d} samples "
