@@ -57,7 +57,7 @@ def test_a_request_alone_gets_exactly_what_parse_request_gives(request: Dict[str
     assert_batch_agrees_with_parse_request([request], CONFIGS[policy])
 
 
-@PROPERTY_SETTINGS
+@settings(PROPERTY_SETTINGS, max_examples=100)  # batches of 2-5 requests: 100 draw ~350 requests
 @given(requests=st.lists(near_valid_requests(), min_size=2, max_size=5), policy=st.sampled_from(list(CONFIGS)))
 def test_each_request_of_a_batch_gets_what_it_gets_alone(requests: List[Dict[str, Any]], policy: str) -> None:
     """Bad neighbours (which fail the batch's one values check) change nothing for the others."""
