@@ -16,10 +16,11 @@ printed with the seconds since the start; a failure names its step and why:
 2. check the server: N is registered and serves a default version D; V is not registered
    and is greater than D (versions are numbers and dots, compared number by number).
 3. register and load: ``POST /models?url=file://<copy of the .mar named N-V.mar>
-   &synchronous=true``. TorchServe copies the file into its model store, starts the
-   workers the .mar's model-config.yaml asks for and answers once all of them are READY;
-   the default stays D. ``--workers W`` then scales V to W workers (``PUT
-   /models/N/V?min_worker=W&max_worker=W&synchronous=true``). Bounded by ``--timeout``.
+   &synchronous=false``: TorchServe copies the file into its model store and starts the
+   workers the .mar's model-config.yaml asks for (``--workers W``: then ``PUT
+   /models/N/V?min_worker=W&max_worker=W``); the default stays D. Then ``GET /models/N/V``
+   until all are READY, at most ``--timeout`` s; a worker whose process changes meanwhile
+   died while loading (its load failed, or it was killed): the step fails at once.
 4. smoke test: the smoke request to ``/predictions/N/V``: a 200 whose scores are all
    finite numbers.
 5. set default: ``PUT /models/N/V/set-default``: from here ``/predictions/N`` is V.
@@ -38,18 +39,24 @@ load by tests/test_update_model.py - the reasons for the steps above:
   puts it on the default version's job queue). ``set-default`` is one field write: requests
   after it go to V, those already queued stay with D's workers, none fails.
 - ``DELETE /models/N/D`` kills D's workers at once (``kill -9``) without waiting for the
-  batches they hold: those requests are answered 500 "Worker died." (pytorch/serve#1101),
-  and later requests naming D get 404. Hence step 6: after set-default D receives no new
-  requests through ``/predictions/N``; once its queue (``jobQueueStatus.pendingRequests``
+  requests D holds (pytorch/serve#1101): those in a worker's batch are answered 500 "Worker
+  died.", those still in D's queue are never answered (the client waits for its own
+  timeout), and later requests naming D get 404. Hence step 6: after set-default D gets no
+  new requests through ``/predictions/N``; once its queue (``jobQueueStatus.pendingRequests``
   of ``GET /models/N/D``) is empty, what is left is the batch each worker holds, answered
   in milliseconds to tens of milliseconds; DRAIN_SETTLE_S of empty queue is ample.
   Clients that name D in their URL (``/predictions/N/D``) lose it when it is unregistered.
 - Registering a version never moves the default (only the first version of a name
-  becomes it); a version already registered is refused (409).
-- A synchronous register whose worker fails or dies while loading answers 500/507 "Failed
-  to start workers for model N version: V" and unregisters V itself (its error is in
-  TorchServe's model_log.log). The .mar's model-config.yaml minWorkers/maxWorkers win over
-  ``initial_workers``: hence ``--workers`` scales after the load.
+  becomes it); a version already registered is refused.
+- A register or scale call with ``synchronous=true`` holds one of the frontend's netty
+  threads until the workers are up (``ApiUtils.updateModelWorkers`` waits on the future),
+  and the inference connections served by that thread wait with it: under load one request
+  took the whole load time (8.3 s for the tests' small model, against 0.16 s at most when
+  asynchronous). Hence ``synchronous=false`` and polling. (Synchronously, TorchServe would
+  also unregister a version whose worker fails; asynchronously it retries the worker
+  forever: this command watches the workers' pids and unregisters V itself.) The .mar's
+  model-config.yaml minWorkers/maxWorkers win over ``initial_workers``: hence ``--workers``
+  scales after registering.
 - ``url`` is a file name in the model store, or a URL that ``allowed_urls`` (default
   ``file://.*|http(s)?://.*``) matches: TorchServe copies a URL's file into the model store
   under its file name (refused with "Model file already exists" when one is there) and
@@ -95,7 +102,7 @@ VERSION_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # as create_dlrm_mar.sh --
 DEFAULT_TIMEOUT_S = 900.0  # a worker that builds the full default's 12 GB entry: 60-140 s on 2 cores
 REQUEST_TIMEOUT_S = 120.0  # the smoke request: the first answer of a new worker pages tables in
 DRAIN_SETTLE_S = 2.0  # the old version's queue empty this long: its workers' last batches answered
-POLL_S = 0.1
+POLL_S = 0.2  # TorchServe restarts a worker that died after >= 1 s: a poll sees the new pid
 # create_default_model_config()'s sizes, for a packaged config that leaves them out.
 DEFAULT_DENSE_FEATURES = 13
 DEFAULT_TABLES = 26
@@ -285,32 +292,49 @@ def stage_archive(archive: Archive, model_store: Optional[str], stage_dir: str) 
     return "file://" + urllib.parse.quote(os.path.abspath(staged)), None
 
 
-def register_and_load(management: str, archive: Archive, url: str, workers: Optional[int], timeout: float) -> Dict[str, Any]:
-    """Step 3: V registered with its workers READY (or StepFailed); V's description."""
+def register(management: str, archive: Archive, url: str, workers: Optional[int]) -> None:
+    """Step 3, first half: ``POST /models?url=...&synchronous=false`` (answered at once),
+    then ``--workers``' scaling, also asynchronous."""
     step, name, version = "register and load", archive.name, archive.version
-    query = urllib.parse.urlencode({"url": url, "model_name": name, "synchronous": "true"})
-    status, body = http_request("POST", f"{management}/models?{query}", timeout=timeout)
-    if status == 0:
-        raise StepFailed(step, f"no answer within {timeout:.0f} s (--timeout): the workers of {name} {version} were not "
-                               "READY in time")  # fmt: skip
-    if status != 200:
+    query = urllib.parse.urlencode({"url": url, "model_name": name, "synchronous": "false"})
+    status, body = http_request("POST", f"{management}/models?{query}", timeout=120)
+    if status not in (200, 202):
         why = answer_text(status, body)
-        if "Failed to start workers" in why:
-            why += " (a worker failed or died while loading: its error is in TorchServe's model_log.log)"
-        elif "does not match any allowed URL" in why:
+        if "does not match any allowed URL" in why:
             why += " (the server's allowed_urls leave out file://: give --model-store DIR, its model store)"
         elif "Model file already exists" in why:
             why += f" (the model store holds a {name}-{version}.mar already: remove it)"
         raise StepFailed(step, why)
     if workers is not None:
-        query = urllib.parse.urlencode({"min_worker": workers, "max_worker": workers, "synchronous": "true"})
-        status, body = http_request("PUT", f"{management}/models/{name}/{version}?{query}", timeout=timeout)
-        if status != 200:
+        query = urllib.parse.urlencode({"min_worker": workers, "max_worker": workers, "synchronous": "false"})
+        status, body = http_request("PUT", f"{management}/models/{name}/{version}?{query}", timeout=120)
+        if status not in (200, 202):
             raise StepFailed(step, f"scaling {name} {version} to {workers} workers: {answer_text(status, body)}")
-    description = describe_version(management, name, version)
-    if description is None or ready_workers(description) == 0:
-        raise StepFailed(step, f"{name} {version} has no READY worker after registering")
-    return description
+
+
+def wait_until_ready(management: str, name: str, version: str, timeout: float) -> Dict[str, Any]:
+    """Step 3, second half: until every worker of ``version`` (minWorkers of them) is READY;
+    its description. A worker whose process changes while this waits exited (its load
+    failed, or it was killed): StepFailed at once rather than TorchServe's retries."""
+    step = "register and load"
+    pids: Dict[str, int] = {}  # worker id -> the process seen
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        description = describe_version(management, name, version)
+        if description is None:
+            raise StepFailed(step, f"{name} {version} is no longer registered (unregistered by someone else?)")
+        for worker in description.get("workers", []):
+            pid, seen = worker.get("pid", -1), pids.get(worker.get("id"))
+            if seen is not None and pid != seen:
+                raise StepFailed(step, f"a worker of {name} {version} (pid {seen}) exited while loading: its error is in "
+                                       "TorchServe's model_log.log")  # fmt: skip
+            if pid > 0:
+                pids[worker.get("id")] = pid
+        workers = description.get("workers", [])
+        if workers and len(workers) == description.get("minWorkers") and ready_workers(description) == len(workers):
+            return description
+        time.sleep(POLL_S)
+    raise StepFailed(step, f"the workers of {name} {version} were not READY within {timeout:.0f} s (--timeout)")
 
 
 def finite_scores(answer: Any) -> Optional[List[float]]:
@@ -399,7 +423,8 @@ def update(args: argparse.Namespace, archive: Archive, progress: Progress) -> in
     stage_dir = tempfile.mkdtemp(prefix="update_model.")
     try:
         url, stored_copy = stage_archive(archive, args.model_store, stage_dir)
-        description = register_and_load(args.management, archive, url, args.workers, args.timeout)
+        register(args.management, archive, url, args.workers)
+        description = wait_until_ready(args.management, name, version, args.timeout)
         progress.step("register and load", f"{name} {version} from {url}: {ready_workers(description)} READY workers "
                                            f"(pids {[w.get('pid') for w in description['workers']]}); the default is "
                                            f"still {old}")  # fmt: skip

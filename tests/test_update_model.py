@@ -368,28 +368,16 @@ def test_torchserve_deletes_a_version_without_answering_the_requests_it_holds(
 # --- updates that fail ------------------------------------------------------------------------
 
 
-def kill_the_first_new_worker(server: TorchServe, known: Set[int], done: threading.Event) -> None:
-    """SIGKILL the first TorchServe worker process of ``server`` (its process group) not in
-    ``known``, as soon as it appears: a worker dying while it loads (e.g. killed for memory)."""
+def kill_a_loading_worker(server: TorchServe, version: str, done: threading.Event) -> None:
+    """SIGKILL a worker of ``version`` once TorchServe shows its process and before it is
+    READY: a worker dying while it loads (e.g. killed for memory)."""
     while not done.is_set():
-        for pid in server_workers(server) - known:
-            os.kill(pid, signal.SIGKILL)
+        status, body = http_request("GET", f"{server.management}/models/dlrm/{version}")
+        loading = [w for w in json.loads(body)[0]["workers"] if w["pid"] > 0 and w["status"] != "READY"] if status == 200 else []
+        if loading:
+            os.kill(loading[0]["pid"], signal.SIGKILL)
             return
-        time.sleep(0.02)
-
-
-def server_workers(server: TorchServe) -> Set[int]:
-    """The pids of the server's Python workers."""
-    pids = set()
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and os.getpgid(int(entry)) == server.process.pid:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"model_service_worker" in f.read():
-                        pids.add(int(entry))
-        except OSError:
-            pass
-    return pids
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("case", ["invalid config", "corrupt entry", "worker killed"])
@@ -400,7 +388,7 @@ def test_a_failed_update_names_its_step_and_leaves_the_old_version_serving(
         pytest.skip("no user namespaces here for a read-only mount")
     before = registered(torchserve)
     killer_done = threading.Event()
-    killer = threading.Thread(target=kill_the_first_new_worker, args=(torchserve, server_workers(torchserve), killer_done))
+    killer = threading.Thread(target=kill_a_loading_worker, args=(torchserve, "4.0", killer_done))
     if case == "worker killed":
         killer.start()
 
@@ -413,8 +401,8 @@ def test_a_failed_update_names_its_step_and_leaves_the_old_version_serving(
     outcomes = clients.stop()
 
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "FAILED at step 'register and load': HTTP 50" in run.stderr  # 500, or 507 for a death
-    assert "Failed to start workers for model dlrm version: 4.0" in run.stderr
+    assert "FAILED at step 'register and load': a worker of dlrm 4.0 (pid " in run.stderr
+    assert "exited while loading: its error is in TorchServe's model_log.log" in run.stderr
     assert f"the server is as it was: dlrm: {before['default']} (default, 2 READY)" in run.stderr
     assert registered(torchserve) == before  # nothing of 4.0 registered
     assert "dlrm-4.0.mar" not in os.listdir(torchserve.properties["model_store"])  # TorchServe's copy removed
