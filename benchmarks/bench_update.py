@@ -2,22 +2,25 @@
 (model_config.json, seed 0) by 2.0 (the same sizes, seed 1) while 8 connections send
 random one-sample requests to /predictions/dlrm.
 
-    flock -x /work/locks/machine .venv/bin/python benchmarks/bench_update.py   # ~6 min
+    flock -x /work/locks/machine .venv/bin/python benchmarks/bench_update.py   # ~7 min
 
-Two swaps, each on a TorchServe of its own (the repo's config.properties and
+Three swaps, each on a TorchServe of its own (the repo's config.properties and
 model-config.yaml: 2 workers a version), 1.0's entry in the table store (``--store``,
 default serving's ~/.cache/dlrm/table_store; built first if missing, not timed):
 1. **entry built during the swap**: 2.0's entry is not in the store: its first worker builds
    it (12 GB) while 1.0 serves, the second waits on its lock and maps it.
-2. **entry prebuilt**: 2.0's entry is the one swap 1 built, its pages dropped from the page
-   cache first (``posix_fadvise(DONTNEED)``: as cold as a prebuilt entry on a volume).
+2. **entry prebuilt, in the page cache**: the entry swap 1 built, its pages as that left them
+   (an entry just built with ``create_dlrm_mar.sh --table-store``).
+3. **entry prebuilt, cold**: the same, its pages dropped from the page cache first
+   (``posix_fadvise(DONTNEED)``: a prebuilt entry on a volume, never read yet).
 (In this order 2.0's entry is built once.) Each swap: ``--warmup`` s of load, ``--steady``
 s of load measured as the steady state, then the command, then ``--after`` s.
 
 Printed per swap: seconds from the command to ``/predictions/dlrm`` serving 2.0 (``GET
 /models/dlrm`` polled every 0.1 s), the command's total, latency p50 / p99 / max of the
 requests sent during the command against the steady state, the non-200 answers over the
-whole run, and memory sampled every second (``/proc/meminfo``; the workers'
+whole run, p99 while 2.0 loads (command to default) and in the first 5 s after the switch,
+and memory sampled every second (``/proc/meminfo``; the workers'
 ``smaps_rollup``): the peak of memory in use (MemTotal - MemAvailable), of the page cache,
 and of the workers' private (anonymous) memory summed. A table, ``benchmarks/plots/
 bench_update.png`` (latency over time around each swap), ``benchmarks/results/
@@ -172,9 +175,11 @@ def swap(args: argparse.Namespace, label: str, workdir: str, v1_mar: str, v2_mar
     steady = latency_ms(answers, started - args.steady, started)
     during = latency_ms(answers, started, ended)
     window = [s for s in sampler.samples if started - 1 <= s["t"] <= ended + 1]
+    switched = sampler.switched or float("nan")
     return {
-        "label": label, "to_default_s": (sampler.switched or float("nan")) - started, "command_s": ended - started,
+        "label": label, "to_default_s": switched - started, "command_s": ended - started,
         "steady": steady, "swap": during, "p99_ratio": during["p99"] / steady["p99"],
+        "loading": latency_ms(answers, started, switched), "after_switch": latency_ms(answers, switched, switched + 5),
         "non_200": sum(1 for _, _, status in answers if status != 200), "requests": len(answers),
         "peak_used_gib": max(s["used"] for s in window), "peak_cache_gib": max(s["cache"] for s in window),
         "peak_anon_gib": max(s["anon"] for s in window), "peak_pss_gib": max(s["pss"] for s in window),
@@ -197,7 +202,7 @@ def plot(results: List[Dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False, sharey=True)
     for ax, r in zip(axes[0], results):
         ok = [(t, 1000 * dt) for t, dt, status in r["timeline"] if status == 200]
         ax.plot([t for t, _ in ok], [ms for _, ms in ok], ".", markersize=1.5, alpha=0.4, color="tab:blue", label="request latency")
@@ -208,7 +213,7 @@ def plot(results: List[Dict[str, Any]], path: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("seconds since update_model.py started")
         ax.set_ylabel("latency (ms)")
-        ax.set_title(f"{r['label']}: p99 {r['swap']['p99']:.1f} ms during the swap, {r['non_200']} non-200", fontsize=9)
+        ax.set_title(f"{r['label']}:\np99 {r['swap']['p99']:.1f} ms during the swap, {r['non_200']} non-200", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("Full default DLRM, 1.0 -> 2.0 under 8 connections (2 cores)", fontsize=10)
@@ -251,9 +256,10 @@ def main() -> None:
             results.append(swap(args, "entry built during the swap", os.path.join(workdir, "built"), v1_mar, v2_mar, v1))
             built = entries(args.store) - existing
             print(f"   2.0's entry built: {sorted(built)}", flush=True)
+            results.append(swap(args, "entry prebuilt, in the page cache", os.path.join(workdir, "warm"), v1_mar, v2_mar, v1))
             for name in built:
                 drop_from_page_cache(os.path.join(args.store, name))
-            results.append(swap(args, "entry prebuilt", os.path.join(workdir, "prebuilt"), v1_mar, v2_mar, v1))
+            results.append(swap(args, "entry prebuilt, cold", os.path.join(workdir, "cold"), v1_mar, v2_mar, v1))
         finally:  # 2.0's entry and its lock file (the store is shared: 12 GB)
             for name in built or entries(args.store) - existing:
                 for path in (os.path.join(args.store, name), os.path.join(args.store, f".{name}.lock")):
@@ -271,12 +277,16 @@ def main() -> None:
               f"{s['p50']:.1f} / {s['p99']:.1f} / {s['max']:.0f} | {w['p50']:.1f} / {w['p99']:.1f} / {w['max']:.0f} | "
               f"{r['p99_ratio']:.2f}× | {r['peak_used_gib']:.1f} GiB | {r['peak_cache_gib']:.1f} GiB | "
               f"{r['peak_anon_gib']:.2f} GiB |")  # fmt: skip
+    print("\n| swap | p99 steady (ms) | p99 while 2.0 loads (ms) | p99 in the 5 s after the switch (ms) |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['label']} | {r['steady']['p99']:.1f} | {r['loading']['p99']:.1f} | {r['after_switch']['p99']:.1f} |")
     for r in results:
         print(f"{r['label']}: the probe scored {r['score_before']!r} by 1.0, {r['score_after']!r} by 2.0")
     plot(results, os.path.join(REPO, "benchmarks", "plots", "bench_update.png"))
     os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(REPO, "benchmarks", "results", "bench_update.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if k != "timeline"} for r in results], f, indent=1)
+        json.dump(results, f)
 
 
 if __name__ == "__main__":

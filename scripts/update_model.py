@@ -124,7 +124,7 @@ class Archive(NamedTuple):
     path: str
     name: str  # the model name N (MANIFEST model.modelName)
     version: str  # V (MANIFEST model.modelVersion)
-    smoke: Dict[str, Any]  # the smoke request body
+    smoke: Any  # the smoke request body (JSON)
 
 
 class Progress:
@@ -171,21 +171,25 @@ def read_archive(path: str, smoke_file: Optional[str]) -> Archive:
             manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
             config = json.loads(mar.read("model_config.json")) if smoke_file is None else {}
     except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise StepFailed(step, f"{path} is not a readable .mar of create_dlrm_mar.sh: {e}", EXIT_REFUSED) from e
+        raise StepFailed(step, f"{path} is not a readable .mar of create_dlrm_mar.sh: {e}", status=EXIT_REFUSED) from e
     model = manifest.get("model") or {}
     name, version = model.get("modelName"), str(model.get("modelVersion"))
     if not name or version_key(version) is None:
         raise StepFailed(step, f"{path}: MANIFEST model {name!r} version {version!r}: package it with "
-                               "create_dlrm_mar.sh --version V (numbers and dots, e.g. 2.0)", EXIT_REFUSED)  # fmt: skip
+                               "create_dlrm_mar.sh --version V (numbers and dots, e.g. 2.0)", status=EXIT_REFUSED)  # fmt: skip
     if not isinstance(config, dict):
-        raise StepFailed(step, f"{path}: model_config.json holds {type(config).__name__}, not a JSON object", EXIT_REFUSED)
-    if smoke_file is None:
-        return Archive(path, name, version, smoke_request(config))
+        raise StepFailed(step, f"{path}: model_config.json holds {type(config).__name__}, not a JSON object", status=EXIT_REFUSED)
+    smoke = smoke_request(config) if smoke_file is None else read_smoke(smoke_file, step)
+    return Archive(path=path, name=name, version=version, smoke=smoke)
+
+
+def read_smoke(path: str, step: str) -> Any:
+    """The request body in the JSON file ``path`` (``--smoke``)."""
     try:
-        with open(smoke_file) as f:
-            return Archive(path, name, version, json.load(f))
+        with open(path) as f:
+            return json.load(f)
     except (OSError, ValueError) as e:
-        raise StepFailed(step, f"--smoke {smoke_file}: not a readable JSON request: {e}", EXIT_REFUSED) from e
+        raise StepFailed(step, f"--smoke {path}: not a readable JSON request: {e}", status=EXIT_REFUSED) from e
 
 
 # --- the management API ----------------------------------------------------------------------
@@ -209,7 +213,7 @@ def registered_versions(management: str, name: str) -> Optional[List[Dict[str, A
     if status == 404:
         return None
     if status != 200:
-        raise StepFailed("check the server", f"GET /models/{name}/all: {answer_text(status, body)}", EXIT_REFUSED)
+        raise StepFailed("check the server", f"GET /models/{name}/all: {answer_text(status, body)}", status=EXIT_REFUSED)
     return json.loads(body)
 
 
@@ -253,16 +257,18 @@ def check_server(management: str, archive: Archive) -> Tuple[str, Dict[str, Any]
     versions = registered_versions(management, name)
     if versions is None:
         raise StepFailed(step, f"no model {name} on {management}: this command replaces a served version; register the "
-                               f"first one with POST /models?url=...", EXIT_REFUSED)  # fmt: skip
+                               f"first one with POST /models?url=...", status=EXIT_REFUSED)  # fmt: skip
     if any(v["modelVersion"] == version for v in versions):
         raise StepFailed(step, f"{name} {version} is registered already ({server_state(management, name)}): package the "
                                f"new model with another create_dlrm_mar.sh --version, or unregister {version} first",
-                         EXIT_REFUSED)  # fmt: skip
+                         status=EXIT_REFUSED)  # fmt: skip
     default = default_version(management, name)
-    old = next(v for v in versions if v["modelVersion"] == default)
+    old = next((v for v in versions if v["modelVersion"] == default), None)
+    if old is None:
+        raise StepFailed(step, f"{name} has no default version ({server_state(management, name)})", status=EXIT_REFUSED)
     if version_key(default) is not None and version_key(version) <= version_key(default):
         raise StepFailed(step, f"{name} {version} is not newer than the default {default}: package it with "
-                               f"create_dlrm_mar.sh --version greater than {default}", EXIT_REFUSED)  # fmt: skip
+                               f"create_dlrm_mar.sh --version greater than {default}", status=EXIT_REFUSED)  # fmt: skip
     return default, old
 
 
@@ -277,7 +283,7 @@ def stage_archive(archive: Archive, model_store: Optional[str], stage_dir: str) 
             target = os.path.join(model_store, file_name)
             if os.path.exists(target):
                 raise StepFailed("register and load", f"{target} exists already: remove it, or package the model "
-                                                      "with another --version", EXIT_REFUSED)  # fmt: skip
+                                                      "with another --version", status=EXIT_REFUSED)  # fmt: skip
             shutil.copyfile(archive.path, target)
             return file_name, target
         staged = os.path.join(stage_dir, file_name)
@@ -288,7 +294,7 @@ def stage_archive(archive: Archive, model_store: Optional[str], stage_dir: str) 
         os.chmod(stage_dir, 0o755)  # the server may run as another user
         os.chmod(staged, 0o644)
     except OSError as e:
-        raise StepFailed("register and load", f"copying {archive.path} as {file_name}: {e}", EXIT_REFUSED) from e
+        raise StepFailed("register and load", f"copying {archive.path} as {file_name}: {e}", status=EXIT_REFUSED) from e
     return "file://" + urllib.parse.quote(os.path.abspath(staged)), None
 
 
@@ -377,7 +383,7 @@ def drain(management: str, name: str, version: str, timeout: float) -> None:
     while time.monotonic() < deadline:
         description = describe_version(management, name, version)
         if description is None:
-            raise StepFailed("drain the old version", f"{name} {version} is no longer registered", EXIT_FAILED_CHANGED)
+            raise StepFailed("drain the old version", f"{name} {version} is no longer registered", status=EXIT_FAILED_CHANGED)
         pending = (description.get("jobQueueStatus") or {}).get("pendingRequests", 0)
         now = time.monotonic()
         empty_since = (empty_since or now) if pending == 0 else None
@@ -387,14 +393,14 @@ def drain(management: str, name: str, version: str, timeout: float) -> None:
     raise StepFailed("drain the old version", f"{name} {version}'s queue did not stay empty within {timeout:.0f} s "
                                               f"(clients naming /predictions/{name}/{version}?); it stays registered: "
                                               f"unregister it later (DELETE /models/{name}/{version})",
-                     EXIT_FAILED_CHANGED)  # fmt: skip
+                     status=EXIT_FAILED_CHANGED)  # fmt: skip
 
 
 def unregister(management: str, name: str, version: str, step: str) -> None:
     """``DELETE /models/N/version``; a version already gone counts as done."""
     status, body = http_request("DELETE", f"{management}/models/{name}/{version}", timeout=120)
     if status not in (200, 404):
-        raise StepFailed(step, f"DELETE /models/{name}/{version}: {answer_text(status, body)}", EXIT_FAILED_CHANGED)
+        raise StepFailed(step, f"DELETE /models/{name}/{version}: {answer_text(status, body)}", status=EXIT_FAILED_CHANGED)
 
 
 def restore(management: str, archive: Archive, old: str, stored_copy: Optional[str]) -> Optional[str]:
@@ -467,20 +473,19 @@ def rollback(args: argparse.Namespace, progress: Progress) -> int:
     step, name = "check the server", args.rollback
     versions = registered_versions(args.management, name)
     if versions is None:
-        raise StepFailed(step, f"no model {name} on {args.management}", EXIT_REFUSED)
+        raise StepFailed(step, f"no model {name} on {args.management}", status=EXIT_REFUSED)
     default = default_version(args.management, name)
     previous = previous_version(versions, default)
     if previous is None:
         raise StepFailed(step, f"nothing to roll back to: no registered version of {name} below the default {default} "
                                f"({server_state(args.management, name)}); an update keeps the old one with --keep-old",
-                         EXIT_REFUSED)  # fmt: skip
+                         status=EXIT_REFUSED)  # fmt: skip
     target = previous["modelVersion"]
     if ready_workers(previous) == 0:
-        raise StepFailed(step, f"{name} {target} has no READY worker ({server_state(args.management, name)})", EXIT_REFUSED)
+        raise StepFailed(step, f"{name} {target} has no READY worker ({server_state(args.management, name)})", status=EXIT_REFUSED)
     progress.step(step, f"{name} serves {default}; the previous version {target} has {ready_workers(previous)} READY workers")
     if args.smoke is not None:
-        with open(args.smoke) as f:
-            answer = smoke_test(args.inference, f"/predictions/{name}/{target}", json.load(f))
+        answer = smoke_test(args.inference, f"/predictions/{name}/{target}", read_smoke(args.smoke, "smoke test"))
         progress.step("smoke test", f"/predictions/{name}/{target} answered 200 {answer}")
     set_default(args.management, name, target)
     progress.step("set default", f"/predictions/{name} serves {target} (was {default}, still registered)")
