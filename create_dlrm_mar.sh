@@ -12,6 +12,11 @@
 # or $DLRM_TABLE_STORE) then maps it at once, even from a read-only volume. Build it with the
 # devices the server will have (the entry's key holds the sharding plan).
 #
+# --version V (or MODEL_VERSION) stamps the archive's model version (default 1.0): a server
+# holds several versions of one model name, and scripts/update_model.py puts a new one in
+# service. V is numbers and dots (1.0, 2, 2024.6.1): it sits in TorchServe's URLs
+# (/predictions/NAME/V, /models/NAME/V/set-default) and a newer model gets a greater number.
+#
 # Defaults can be overridden from the environment: CONFIG, CHECKPOINT, EXPORT_PATH,
 # MODEL_NAME, MODEL_YAML (TorchServe's per-model YAML), TABLE_STORE, PYTHON, ARCHIVER.
 set -euo pipefail
@@ -21,6 +26,7 @@ CONFIG="${CONFIG:-model_config.json}"
 CHECKPOINT="${CHECKPOINT:-}"
 EXPORT_PATH="${EXPORT_PATH:-model_store}"
 MODEL_NAME="${MODEL_NAME:-dlrm}"
+MODEL_VERSION="${MODEL_VERSION:-1.0}"
 MODEL_YAML="${MODEL_YAML:-$HERE/model-config.yaml}"
 TABLE_STORE="${TABLE_STORE:-}"
 if [[ -x "$HERE/.venv/bin/python" ]]; then PYTHON="${PYTHON:-$HERE/.venv/bin/python}"; fi
@@ -30,13 +36,14 @@ if [[ -x "$HERE/.venv/bin/torch-model-archiver" ]]; then
 fi
 ARCHIVER="${ARCHIVER:-torch-model-archiver}"
 
-usage="usage: $0 [--config FILE] [--checkpoint FILE] [--export-path DIR] [--model-name NAME] [--table-store DIR]"
+usage="usage: $0 [--config FILE] [--checkpoint FILE] [--export-path DIR] [--model-name NAME] [--version V] [--table-store DIR]"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) CONFIG="${2:?$usage}"; shift 2 ;;
     --checkpoint) CHECKPOINT="${2:?$usage}"; shift 2 ;;
     --export-path) EXPORT_PATH="${2:?$usage}"; shift 2 ;;
     --model-name) MODEL_NAME="${2:?$usage}"; shift 2 ;;
+    --version) MODEL_VERSION="${2:?$usage}"; shift 2 ;;
     --table-store) TABLE_STORE="${2:?$usage}"; shift 2 ;;
     -h | --help) echo "$usage"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; echo "$usage" >&2; exit 2 ;;
@@ -44,6 +51,9 @@ while [[ $# -gt 0 ]]; do
 done
 if [[ ! "$MODEL_NAME" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]]; then
   echo "--model-name '$MODEL_NAME': use letters, digits, '_', '.' and '-'" >&2; exit 2
+fi
+if [[ ! "$MODEL_VERSION" =~ ^[0-9]+(\.[0-9]+)*$ ]]; then
+  echo "--version '$MODEL_VERSION': use numbers separated by dots (1.0, 2, 2024.6.1), a newer model a greater one" >&2; exit 2
 fi
 
 # The archiver stages files in \$TMPDIR/<model name> and deletes that folder first, so give it
@@ -108,7 +118,7 @@ fi
 mkdir -p "$EXPORT_PATH"
 TMPDIR="$STAGE/tmp" "$ARCHIVER" \
   --model-name "$MODEL_NAME" \
-  --version 1.0 \
+  --version "$MODEL_VERSION" \
   --model-file "$HERE/dlrm_factory.py" \
   --handler "$HERE/dlrm_handler.py" \
   --extra-files "$STAGE/files" \
