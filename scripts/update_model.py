@@ -16,8 +16,9 @@ printed with the seconds since the start; a failure names its step and why:
 2. check the server: N is registered and serves a default version D; V is not registered
    and is greater than D (versions are numbers and dots, compared number by number).
 3. register and load: ``POST /models?url=file://<copy of the .mar named N-V.mar>
-   &synchronous=false``: TorchServe copies the file into its model store and starts the
-   workers the .mar's model-config.yaml asks for (``--workers W``: then ``PUT
+   &initial_workers=<D's worker count>&synchronous=false``: TorchServe copies the file into
+   its model store and starts the workers the .mar's model-config.yaml asks for, else as many
+   as D has (``--workers W``: then ``PUT
    /models/N/V?min_worker=W&max_worker=W``); the default stays D. Then ``GET /models/N/V``
    until all are READY, at most ``--timeout`` s; a worker whose process changes meanwhile
    died while loading (its load failed, or it was killed): the step fails at once.
@@ -298,11 +299,16 @@ def stage_archive(archive: Archive, model_store: Optional[str], stage_dir: str) 
     return "file://" + urllib.parse.quote(os.path.abspath(staged)), None
 
 
-def register(management: str, archive: Archive, url: str, workers: Optional[int]) -> None:
-    """Step 3, first half: ``POST /models?url=...&synchronous=false`` (answered at once),
-    then ``--workers``' scaling, also asynchronous."""
+def register(management: str, archive: Archive, url: str, workers: Optional[int], initial_workers: int) -> None:
+    """Step 3, first half: ``POST /models?url=...&initial_workers=...&synchronous=false``
+    (answered at once), then ``--workers``' scaling, also asynchronous. ``initial_workers``:
+    the old version's worker count, for a .mar whose model-config.yaml sets none (the shipped
+    one: TorchServe picks the count from the devices at startup, but registers a model with
+    ``default_workers_per_model`` workers, 0 when unset); the YAML's minWorkers wins if set."""
     step, name, version = "register and load", archive.name, archive.version
-    query = urllib.parse.urlencode({"url": url, "model_name": name, "synchronous": "false"})
+    query = urllib.parse.urlencode(
+        {"url": url, "model_name": name, "initial_workers": initial_workers, "synchronous": "false"}
+    )
     status, body = http_request("POST", f"{management}/models?{query}", timeout=120)
     if status not in (200, 202):
         why = answer_text(status, body)
@@ -429,7 +435,7 @@ def update(args: argparse.Namespace, archive: Archive, progress: Progress) -> in
     stage_dir = tempfile.mkdtemp(prefix="update_model.")
     try:
         url, stored_copy = stage_archive(archive, args.model_store, stage_dir)
-        register(args.management, archive, url, args.workers)
+        register(args.management, archive, url, args.workers, max(1, len(old_description.get("workers", []))))
         description = wait_until_ready(args.management, name, version, args.timeout)
         progress.step("register and load", f"{name} {version} from {url}: {ready_workers(description)} READY workers "
                                            f"(pids {[w.get('pid') for w in description['workers']]}); the default is "
@@ -513,7 +519,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--mar", help="the new version's .mar (create_dlrm_mar.sh --version V)")
     action.add_argument("--rollback", metavar="NAME", help="make the version before the default of NAME the default")
-    parser.add_argument("--workers", type=int, help="workers of the new version (default: the .mar's model-config.yaml)")
+    parser.add_argument("--workers", type=int, help="workers of the new version (default: the .mar's model-config.yaml, else as "
+                                                "many as the old version has)")
     parser.add_argument("--smoke", metavar="REQUEST.json", help="the smoke request (default: one sample made to fit "
                                                                  "the .mar's model_config.json)")  # fmt: skip
     parser.add_argument("--keep-old", action="store_true", help="leave the old version registered with its workers")

@@ -152,7 +152,9 @@ def torchserve(workdir: str, models: Dict[Any, torch.nn.Module]) -> Iterator[Tor
     build_mar(version_config(SEEDS["1.0"]), workdir, "dlrm", model_store)
     launcher = read_only_launcher(store) if can_mount_read_only(store) else []
     try:
-        with TorchServe.serving(os.path.join(workdir, "server"), model_store, models={"dlrm": {}},
+        # 2 workers, as the shipped files give on this 2-core host; registering 2.0 must not fall
+        # back to the server's default_workers_per_model (1 here; unset in config.properties: 0)
+        with TorchServe.serving(os.path.join(workdir, "server"), model_store, models={"dlrm": {"initial_workers": 2}},
                                 env={"DLRM_TABLE_STORE": store}, launcher=launcher) as server:  # fmt: skip
             server.read_only_store = bool(launcher)
             yield server
