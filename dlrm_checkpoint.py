@@ -25,7 +25,7 @@ How it is read:
   - ``.metadata`` through ``MetadataUnpickler``, an allow-list: DCP's metadata classes,
     ``torch.Size``, dtypes, layouts, paths; any other class is refused with an error naming
     it and the file, before anything is called. (DCP's own ``FileSystemReader.read_metadata``
-    is a plain ``pickle.load``; DCP has no pickle-free metadata format for this layout.)
+    unpickles it unrestricted; DCP has no pickle-free metadata format for this layout.)
   - each chunk's item through ``torch.load(item, map_location="meta", weights_only=True)``:
     its dtype, shape and strides with no data read and no code run; then the item's zip
     directory (``zipfile``) gives where the raw bytes of ``data/0`` start in the file.
@@ -82,7 +82,7 @@ class MetadataUnpickler(pickle.Unpickler):
     """Unpickles a DCP ``.metadata`` naming only ``ALLOWED_METADATA_GLOBALS`` (and torch
     dtypes). Every class or function a pickle uses reaches ``find_class`` first, so a pickle
     that names anything else (``os.system``, ``builtins.eval``, ...) stops there, before it is
-    called; persistent ids are refused as ``pickle.Unpickler``'s default does."""
+    called; persistent ids are refused (the base class's default)."""
 
     def __init__(self, file: Any, path: str) -> None:
         super().__init__(file)
