@@ -488,7 +488,9 @@ def run(args: argparse.Namespace, ranks: Optional[Ranks]) -> Dict[str, Any]:
         total = num_batches
     if ranks is not None:
         batches = rank_batches(batches, ranks)
+    loop_started = time.perf_counter()
     losses, seen = train(model, optimizer, batches, keys, total, progress=progress, device=device)
+    loop_seconds = time.perf_counter() - loop_started
     if ranks is not None:
         losses, seen = mean_over_ranks(losses, seen, ranks)
     held_out = None
@@ -498,8 +500,10 @@ def run(args: argparse.Namespace, ranks: Optional[Ranks]) -> Dict[str, Any]:
         held_out = criteo_data.read_criteo_tsv(args.eval_tsv, table_sizes, max_rows=args.eval_samples)
     seconds = time.perf_counter() - started
 
-    # first_loss: the first step's; last_loss: the mean of the last 50 steps'.
+    # first_loss: the first step's; last_loss: the mean of the last 50 steps'; samples_per_second:
+    # of the training steps (drawing or reading the batches included; not the held-out set).
     figures: Dict[str, Any] = {"train_seconds": round(seconds, 1), "steps": len(losses), "samples": seen,
+                               "samples_per_second": round(seen / loop_seconds, 1),
                                "first_loss": losses[0], "last_loss": sum(losses[-50:]) / len(losses[-50:])}  # fmt: skip
     if held_out is not None:
         logits = predict(model.model, held_out, keys) if ranks is None else predict_sharded(model, held_out, keys, ranks)
