@@ -53,7 +53,8 @@ import zipfile
 from typing import Any, Dict, List, NamedTuple, Tuple
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ def read_metadata(directory: str) -> Metadata:
     try:
         with open(path, "rb") as f:
             metadata = MetadataUnpickler(f, path).load()
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"checkpoint: {e}") from e
+    except pickle.UnpicklingError as e:  # a refused class (its message names the file), or a broken pickle
+        raise ValueError(f"checkpoint: {e}" if str(e).startswith(path) else f"checkpoint: {path} is not a DCP .metadata: {e}") from e
     except Exception as e:  # truncated, not a pickle, a class's own check failing ...
         raise ValueError(f"checkpoint: {path} is not a DCP .metadata: {type(e).__name__}: {e}") from e
     if not isinstance(metadata, Metadata):
@@ -121,6 +122,21 @@ def read_metadata(directory: str) -> Metadata:
         logger.warning("checkpoint: %s is DCP version %s; this reader was checked with %s",
                        path, metadata.version, ", ".join(SUPPORTED_DCP_VERSIONS))  # fmt: skip
     return metadata
+
+
+class AllowListFileSystemReader(FileSystemReader):
+    """DCP's own ``FileSystemReader`` (for ``dcp.load`` into a sharded model: each rank reads
+    its shards, DCP reshards) with the ``.metadata`` read through ``MetadataUnpickler``
+    instead of an unrestricted unpickling. Its items DCP loads with ``weights_only=True``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:
+            raise ValueError("checkpoint: per-rank .metadata files (DCP without collectives) are not read")
+        metadata = read_metadata(str(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 # ---------------------------------------------------------------------------------------
@@ -315,12 +331,18 @@ def read_dcp(directory: str) -> Dict[str, Any]:
     metadata = read_metadata(directory)
     if not isinstance(metadata.state_dict_metadata, dict) or not isinstance(metadata.storage_data, dict):
         raise ValueError(f"checkpoint: {os.path.join(directory, METADATA_FILE)} has no DCP storage data")
-    by_offset = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
+    try:
+        by_offset = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"checkpoint: malformed DCP storage data in {directory}: {type(e).__name__}: {e}") from e
     state: Dict[str, Any] = {}
     for name, meta in metadata.state_dict_metadata.items():
-        if isinstance(meta, TensorStorageMetadata):
+        if not isinstance(meta, TensorStorageMetadata):
+            state[name] = meta
+            continue
+        try:
             chunks = _tensor_chunks(directory, name, meta, by_offset)
             state[name] = DCPTensor(name=name, shape=torch.Size(meta.size), dtype=meta.properties.dtype, chunks=chunks)
-        else:
-            state[name] = meta
+        except (TypeError, AttributeError, IndexError, KeyError) as e:  # fields of the wrong kind
+            raise ValueError(f"checkpoint tensor {name}: malformed DCP metadata in {directory}: {type(e).__name__}: {e}") from e
     return state

@@ -7,9 +7,12 @@
 ``train``: ``examples/train_dlrm.py`` with the same arguments (its defaults: 8M synthetic
 samples, Criteo's 26 tables capped at 100,000 rows, D = 32) in one process and under
 ``torchrun --standalone --nproc_per_node 2`` (gloo, ``DistributedModelParallel``, the 8
-tables of 100,000 rows row-wise, the others table-wise). Both see the same samples (each
-global batch cut in two). Prints the samples/s of the training steps and the held-out AUC of
-each, and |AUC(2 ranks) - AUC(1 process)| against the goal 0.002; plots
+tables of 100,000 rows row-wise, the others table-wise). All see the same samples (each
+global batch cut in two). The 1-process run and the first 2-rank run start from the same
+weights (the single process's seeded init, written as a DCP checkpoint and given with
+``--init-from``), so that they differ only in how they train; the second 2-rank run draws its
+own init, as a user's would. Prints the samples/s of the training steps and the held-out AUC
+of each, and |AUC(2 ranks) - AUC(1 process)| against the goal 0.002; plots
 ``benchmarks/plots/bench_dcp_train.png``.
 
 ``build``: a DCP checkpoint of more than 10 GB of float tables, written by 2 gloo ranks under
@@ -90,12 +93,29 @@ def run_training(out: str, ranks: int, train_args: Sequence[str]) -> Dict[str, A
     return training
 
 
+def write_initial_weights(path: str, train_args: Sequence[str]) -> None:
+    """The single process's seeded init of ``train_args``' model, as a DCP checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    import criteo_data
+    import train_dlrm
+
+    args = train_dlrm.parse_args(["--out", path, *train_args])
+    config = train_dlrm.model_config(criteo_data.capped_table_sizes(args.table_cap), args.embedding_dim,
+                                     args.dense_arch, args.over_arch)  # fmt: skip
+    dcp.save(train_dlrm.build_train_model(config, args.seed).state_dict(), checkpoint_id=path, no_dist=True)
+
+
 def bench_train(args: argparse.Namespace) -> Dict[str, Any]:
     train_args = ["--train-samples", str(args.train_samples), "--seed", str(args.seed)]
     with tempfile.TemporaryDirectory(prefix="bench_dcp_train_") as tmp:
-        one = run_training(os.path.join(tmp, "one"), 0, train_args)
-        two = run_training(os.path.join(tmp, "two"), 2, train_args)
-    rows = [("1 process (torch threads: one a core)", one), ("torchrun, 2 ranks (gloo, 1 thread each)", two)]
+        init = os.path.join(tmp, "init.dcp")
+        write_initial_weights(init, train_args)
+        one = run_training(os.path.join(tmp, "one"), 0, [*train_args, "--init-from", init])
+        two = run_training(os.path.join(tmp, "two"), 2, [*train_args, "--init-from", init])
+        own = run_training(os.path.join(tmp, "own"), 2, train_args)
+    rows = [("1 process (torch threads: one a core)", one), ("torchrun, 2 ranks (gloo, 1 thread each), same init", two),
+            ("torchrun, 2 ranks, their own init", own)]  # fmt: skip
     print(f"\nexamples/train_dlrm.py, {args.train_samples:,} synthetic samples (defaults otherwise), "
           f"{os.cpu_count()} cores")  # fmt: skip
     print("| run | samples seen | training samples/s | train seconds | held-out AUC | log loss | oracle AUC |")
@@ -105,12 +125,13 @@ def bench_train(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"| {name} | {f['samples']:,} | {f['samples_per_second']:,.0f} | {f['train_seconds']:.0f} | "
               f"{f['auc']:.4f} | {f['log_loss']:.4f} | {f['oracle_auc']:.4f} |")  # fmt: skip
     difference = abs(two["figures"]["auc"] - one["figures"]["auc"])
-    print(f"\nsharding of the 2-rank run: {sorted(set(two['sharding'].values()))} "
+    own_difference = abs(own["figures"]["auc"] - one["figures"]["auc"])
+    print(f"\nsharding of the 2-rank runs: {sorted(set(two['sharding'].values()))} "
           f"({sum(v == 'row_wise' for v in two['sharding'].values())} tables row-wise)")  # fmt: skip
-    print(f"|AUC(2 ranks) - AUC(1 process)| = {difference:.4f} (goal <= {AUC_GOAL}: "
-          f"{'met' if difference <= AUC_GOAL else 'NOT met'})")  # fmt: skip
+    print(f"|AUC(2 ranks) - AUC(1 process)|, same init: {difference:.4f} (goal <= {AUC_GOAL}: "
+          f"{'met' if difference <= AUC_GOAL else 'NOT met'}); own init: {own_difference:.4f}")  # fmt: skip
     plot_train(rows, args.plot or os.path.join(PLOTS, "bench_dcp_train.png"))
-    return {"one": one, "two": two, "auc_difference": difference}
+    return {"one": one, "two": two, "own": own, "auc_difference": difference, "own_init_auc_difference": own_difference}
 
 
 def plot_train(rows: List[Any], path: str) -> None:
@@ -119,15 +140,16 @@ def plot_train(rows: List[Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["1 process", "2 ranks (torchrun)"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8))
+    names = ["1 process", "2 ranks,\nsame init", "2 ranks,\nown init"][: len(rows)]
+    colors = ["#555555", "#1f77b4", "#7fb2d9"][: len(rows)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     speeds = [t["figures"]["samples_per_second"] for _, t in rows]
-    left.bar(names, speeds, color=["#555555", "#1f77b4"])
+    left.bar(names, speeds, color=colors)
     left.set_ylabel("training samples/s")
     for x, v in enumerate(speeds):
         left.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
     aucs = [t["figures"]["auc"] for _, t in rows]
-    right.bar(names, aucs, color=["#555555", "#1f77b4"])
+    right.bar(names, aucs, color=colors)
     right.axhline(rows[0][1]["figures"]["oracle_auc"], color="green", linestyle="--", label="oracle")
     right.set_ylim(min(aucs) - 0.01, max(aucs + [rows[0][1]["figures"]["oracle_auc"]]) + 0.01)
     right.set_ylabel("held-out AUC (same samples seen)")

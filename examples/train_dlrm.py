@@ -89,6 +89,7 @@ for path in (HERE, REPO):
 
 import criteo_data  # noqa: E402
 from criteo_data import CriteoSamples, SyntheticCriteo, to_batch  # noqa: E402
+from dlrm_checkpoint import AllowListFileSystemReader, read_dcp  # noqa: E402
 from dlrm_factory import build_embedding_bag_configs, create_default_model_config, resolve_model_config  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -296,7 +297,8 @@ def build_sharded_train_model(
 ) -> Tuple[DistributedModelParallel, CombinedOptimizer, ShardingPlan]:
     """``DistributedModelParallel(DLRMTrain(DLRM(EmbeddingBagCollection on meta)))``: the
     planner's shards of the tables allocated and initialized (TorchRec's default init) on
-    each rank, the dense layers from ``seed`` (the same on every rank); row-wise Adagrad
+    each rank from a stream of ``seed`` and the rank, the dense layers from ``seed`` (the
+    same on every rank); row-wise Adagrad
     fused into the tables' backward, Adagrad on the dense layers. (model, optimizer, plan)."""
     cfg = resolve_model_config(config)
     eb_configs = build_embedding_bag_configs(cfg)
@@ -320,12 +322,35 @@ def build_sharded_train_model(
         constraints=table_constraints(eb_configs, row_wise_min_rows),
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    sharded = DistributedModelParallel(module=model, device=ranks.device, plan=plan, sharders=sharders)
+    # The shards are allocated and initialized here: from a stream of --seed and the rank.
+    with torch.random.fork_rng(devices=[ranks.device] if ranks.device.type == "cuda" else []):
+        torch.manual_seed(seed * 1_000_003 + 1 + ranks.rank)
+        sharded = DistributedModelParallel(module=model, device=ranks.device, plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(
         params=dict(in_backward_optimizer_filter(sharded.named_parameters())),
         optim_factory=lambda ps: torch.optim.Adagrad(ps, lr=lr),
     )
     return sharded, CombinedOptimizer(optims=[("tables", sharded.fused_optimizer), ("dense", dense)]), plan
+
+
+def load_initial_weights(model: torch.nn.Module, path: str, ranks: Optional[Ranks]) -> None:
+    """``--init-from``: start from the weights at ``path`` (to resume, or to compare runs from
+    one init) instead of the seeded init. One process: a ``DLRMTrain.state_dict()`` file or a
+    DCP directory of one. Under torchrun: a DCP directory, loaded with ``dcp.load``: each rank
+    reads the rows of its own shards, whatever sharding (or none) wrote it; its ``.metadata``
+    through ``dlrm_checkpoint``'s allow-list."""
+    if ranks is None:
+        if os.path.isdir(path):
+            state = {name: tensor[:] for name, tensor in read_dcp(path).items()}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        return
+    if not os.path.isdir(path):
+        raise SystemExit(f"--init-from {path}: under torchrun, a torch.distributed.checkpoint directory is expected")
+    state = model.state_dict()
+    dcp.load(state, storage_reader=AllowListFileSystemReader(path))
+    model.load_state_dict(state)
 
 
 def sharding_types(plan: ShardingPlan) -> Dict[str, str]:
@@ -441,6 +466,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of both Adagrads")
     p.add_argument("--seed", type=int, default=0, help="model init; also the synthetic world's seed")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads; unset: torch's (one a core)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from these weights (checkpoint.pt or a DCP directory; under torchrun a DCP directory) "
+                        "instead of the seeded init")
     p.add_argument("--row-wise-min-rows", type=int, default=50_000,
                    help="under torchrun: tables of at least this many rows are sharded row-wise, the others table-wise")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -474,6 +502,8 @@ def run(args: argparse.Namespace, ranks: Optional[Ranks]) -> Dict[str, Any]:
             raise SystemExit(f"--batch-size {args.batch_size}: expected a multiple of the {ranks.world_size} ranks")
         model, optimizer, plan = build_sharded_train_model(config, args.seed, args.lr, ranks, args.row_wise_min_rows)
         device, progress, sharding = ranks.device, progress and ranks.rank == 0, sharding_types(plan)
+    if args.init_from:
+        load_initial_weights(model, args.init_from, ranks)
 
     num_batches = max(1, args.train_samples // args.batch_size)
     started = time.perf_counter()

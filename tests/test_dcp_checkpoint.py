@@ -35,6 +35,7 @@ import dlrm_table_store
 from conftest import REPO, small_model_config
 from dlrm_factory import DLRMFactory
 from test_checkpoint import IDS, float_dlrm, scores
+from test_security import Payload  # unpickling it creates a file
 
 TABLE = "sparse_arch.embedding_bag_collection.embedding_bags.t_cat_{}.weight"
 # Row chunks of the row-wise tables, as N ranks would hold them (uneven: the planner's last
@@ -173,16 +174,6 @@ def test_a_sha256_file_next_to_the_directory_is_trusted_instead_of_reading_it(tr
 
 
 # --- safety: the .metadata pickle, the items ---------------------------------------------------
-
-
-class Payload:
-    """What an attacker pickles into a .metadata: unpickling it creates ``path``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> Any:
-        return (open, (self.path, "w"))
 
 
 @pytest.fixture
