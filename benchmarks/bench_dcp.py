@@ -308,7 +308,8 @@ def plot_build(results: List[Dict[str, Any]], checkpoint_bytes: int, path: str) 
     left.bar(names, peaks, color="#1f77b4", label="peak RSS")
     left.scatter(names, goals, color="red", marker="_", s=2000, label="goal 1.1 x entry + 1 GiB")
     left.set_ylabel("GiB")
-    left.legend(fontsize=8, loc="lower right")
+    left.set_ylim(0, max(goals + peaks) * 1.3)
+    left.legend(fontsize=8, loc="upper center", ncol=2)
     for x, v in enumerate(peaks):
         left.text(x, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     seconds = [r["seconds"] for r in results]

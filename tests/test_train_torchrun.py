@@ -6,8 +6,9 @@ those of the same weights gathered into one file (DCP's own ``dcp_to_torch_save`
 served as before.
 
 Small: Criteo's tables capped at 1000 rows (17 tables at the cap: row-wise; 9 smaller ones:
-table-wise), D = 16, 40 steps of 2048 samples. That 2 ranks learn what 1 process does (AUC
-within 0.002 after 8M samples) is ``benchmarks/bench_dcp.py train``'s figure, not a test.
+table-wise), D = 16, 40 steps of 2048 samples. From one init (``--init-from``) 1 process and 2
+ranks take the same first step here; that they then learn the same (AUC within 0.002 after 8M
+samples) is ``benchmarks/bench_dcp.py train``'s figure, not a test.
 
 Symbols: B samples, N = 13 dense features, F = 26 sparse features.
 """
@@ -23,6 +24,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -46,6 +48,22 @@ STEPS, BATCH = 40, 2048
 HELD_OUT = 256  # samples in one request
 SCORE_TOLERANCE = 1e-7  # as tests/test_serving.py: batched matmuls may differ by a few ulps
 TABLE = "model.sparse_arch.embedding_bag_collection.embedding_bags.t_cat_{}.weight"
+SMALL_MODEL = ["--table-cap", str(TABLE_CAP), "--embedding-dim", "16", "--dense-arch", "32,16", "--over-arch", "32,16,1"]
+
+
+def train_command(out: str, ranks: int, *flags: str) -> List[str]:
+    """examples/train_dlrm.py of the small model, in one process (``ranks`` 0) or under torchrun."""
+    launcher = [sys.executable] if ranks == 0 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node", str(ranks)]  # fmt: skip
+    return [*launcher, os.path.join(REPO, "examples", "train_dlrm.py"), "--out", out, *SMALL_MODEL, "--no-progress", *flags]
+
+
+def run_checked(command: List[str]) -> None:
+    """Run ``command``; if it fails, fail the test with the end of its output (each rank's)."""
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    if done.returncode != 0:
+        lines = [line for line in done.stdout.splitlines() if "Warning" not in line and "warn(" not in line]
+        pytest.fail(f"{' '.join(command)} exited {done.returncode}:\n" + "\n".join(lines[-60:]))
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +75,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def trained(workdir: str) -> Dict[str, Any]:
     """The README's command, small: ``torchrun --standalone --nproc_per_node 2 train_dlrm.py``."""
     out = os.path.join(workdir, "trained")
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(REPO, "examples", "train_dlrm.py"), "--out", out,
-         "--table-cap", str(TABLE_CAP), "--row-wise-min-rows", str(TABLE_CAP), "--train-samples", str(STEPS * BATCH),
-         "--batch-size", str(BATCH), "--eval-samples", "20000", "--embedding-dim", "16", "--dense-arch", "32,16",
-         "--over-arch", "32,16,1", "--seed", str(SEED), "--no-progress"],
-        check=True, timeout=300,
-    )  # fmt: skip
+    run_checked(train_command(out, 2, "--row-wise-min-rows", str(TABLE_CAP), "--train-samples", str(STEPS * BATCH),
+                              "--batch-size", str(BATCH), "--eval-samples", "20000", "--seed", str(SEED)))  # fmt: skip
     with open(os.path.join(out, "model_config.json")) as f:
         config = json.load(f)
     with open(os.path.join(out, "training.json")) as f:
@@ -201,3 +213,27 @@ def test_mar_holds_the_dcp_directory_and_its_digest(workdir: str, torchserve: To
         sidecar = mar.read("checkpoint.dcp.sha256").decode()
     assert {"checkpoint.dcp/.metadata", "checkpoint.dcp/__0_0.distcp", "checkpoint.dcp/__1_0.distcp"} <= names
     assert sidecar.split()[0] == dlrm_table_store.directory_sha256(trained["dcp"])
+
+
+def test_one_process_and_two_ranks_from_one_init_take_the_same_first_step(tmp_path: Any) -> None:
+    """``--init-from`` a DCP checkpoint of the single process's seeded init: both runs start
+    from exactly those weights (lr 0 keeps them: the saved checkpoints equal the init) and
+    score the same first batch of 2048 samples with the same loss - the 2 ranks' mean of
+    their two halves' losses is the single process's loss over the whole batch."""
+    args = train_dlrm.parse_args(["--out", str(tmp_path), *SMALL_MODEL])
+    config = train_dlrm.model_config(criteo_data.capped_table_sizes(TABLE_CAP), 16, args.dense_arch, args.over_arch)
+    init = train_dlrm.build_train_model(config, seed=9).state_dict()
+    dcp.save(init, checkpoint_id=str(tmp_path / "init.dcp"), no_dist=True)
+    flags = ["--init-from", str(tmp_path / "init.dcp"), "--lr", "0", "--train-samples", "2048", "--batch-size", "2048",
+             "--eval-samples", "2000", "--row-wise-min-rows", str(TABLE_CAP)]  # fmt: skip
+    run_checked(train_command(str(tmp_path / "one"), 0, *flags))
+    run_checked(train_command(str(tmp_path / "two"), 2, *flags))
+
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    two = {name: tensor[:] for name, tensor in dlrm_checkpoint.read_dcp(str(tmp_path / "two" / "checkpoint.dcp")).items()}
+    assert sorted(one) == sorted(two) == sorted(init)
+    assert all(torch.equal(one[k], init[k]) and torch.equal(two[k], init[k]) for k in init)
+    one_figures, two_figures = (json.loads((tmp_path / run / "training.json").read_text())["figures"] for run in ("one", "two"))
+    assert one_figures["samples"] == two_figures["samples"] == 2048
+    assert two_figures["first_loss"] == pytest.approx(one_figures["first_loss"], rel=1e-6)
+    assert two_figures["auc"] == pytest.approx(one_figures["auc"], abs=1e-6)  # the same weights, scored sharded
