@@ -108,14 +108,9 @@ def torchserve(workdir: str, trained: Dict[str, Any]) -> Iterator[TorchServe]:
          "--checkpoint", trained["dcp"], "--export-path", store, "--model-name", "sharded"],
         check=True, timeout=300,
     )  # fmt: skip
-    server = TorchServe(workdir, store, env={"DLRM_TABLE_STORE": os.path.join(workdir, "table_store")})
-    try:
-        server.wait_for_ping()
-        server.register("sharded", "sharded.mar")
-        server.wait_for_model("sharded")
+    with TorchServe.serving(workdir, store, models={"sharded": {}},
+                            env={"DLRM_TABLE_STORE": os.path.join(workdir, "table_store")}) as server:  # fmt: skip
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
