@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Package the DLRM for TorchServe: DIR/NAME.mar holds dlrm_handler.py, dlrm_request.py (the
 # request contract the handler imports), dlrm_factory.py, dlrm_table_store.py,
-# dlrm_lean_forward.py (the CPU forward the handler serves with), the config (as
-# model_config.json), the checkpoint if any (as checkpoint.pt, with its sha256 as
-# checkpoint.pt.sha256: the table store's key, so workers need not read 45 GB to compute it)
-# and model-config.yaml. No weights without a checkpoint: the worker builds the tables at its
+# dlrm_lean_forward.py (the CPU forward the handler serves with), dlrm_checkpoint.py (the DCP
+# reader), the config (as model_config.json), the checkpoint if any (a file as checkpoint.pt,
+# a torch.distributed.checkpoint directory as checkpoint.dcp/, with its sha256 as
+# checkpoint.pt.sha256 or checkpoint.dcp.sha256: the table store's key, so workers need not
+# read 45 GB to compute it) and model-config.yaml. No weights without a checkpoint: the worker builds the tables at its
 # first start into its table store, or maps them from there.
 #
 # --table-store DIR builds the config's table store entry into DIR now, on this machine
@@ -36,7 +37,7 @@ if [[ -x "$HERE/.venv/bin/torch-model-archiver" ]]; then
 fi
 ARCHIVER="${ARCHIVER:-torch-model-archiver}"
 
-usage="usage: $0 [--config FILE] [--checkpoint FILE] [--export-path DIR] [--model-name NAME] [--version V] [--table-store DIR]"
+usage="usage: $0 [--config FILE] [--checkpoint FILE|DCP_DIR] [--export-path DIR] [--model-name NAME] [--version V] [--table-store DIR]"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) CONFIG="${2:?$usage}"; shift 2 ;;
@@ -63,13 +64,15 @@ trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/files" "$STAGE/tmp"
 
 # Validate the config (never builds the model) and stage it as model_config.json, its
-# checkpoint pointing at the packaged checkpoint.pt (with its sha256 beside it). A checkpoint
+# checkpoint pointing at the packaged checkpoint.pt or checkpoint.dcp (with its sha256 beside
+# it). A DCP directory's metadata is checked against the config here (read through the
+# allow-list, no tensor read): a bad one fails now, not at the worker's start. A checkpoint
 # named only in the config is packaged too. Prints the checkpoint to package, or nothing.
 CHECKPOINT="$("$PYTHON" -c '
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-from dlrm_factory import read_config_source, resolve_model_config
-from dlrm_table_store import check_served_path, file_sha256
+from dlrm_factory import build_embedding_bag_configs, read_checkpoint_of, read_config_source, resolve_model_config
+from dlrm_table_store import check_served_path, directory_sha256, file_sha256
 config_path, checkpoint, staged = sys.argv[2:5]
 try:
     config = read_config_source(config_path)
@@ -78,22 +81,29 @@ except ValueError as e:
 if checkpoint:
     config["checkpoint"] = checkpoint
 try:
-    resolve_model_config(config)
+    resolved = resolve_model_config(config)
     check_served_path(config.get("table_store"))
-except ValueError as e:  # names the key, the value and the fix
+    if resolved["checkpoint"] and os.path.isdir(resolved["checkpoint"]):
+        read_checkpoint_of(resolved, build_embedding_bag_configs(resolved))
+except ValueError as e:  # names the key (or tensor), the value and the fix
     sys.exit(f"{config_path}: {e}")
 checkpoint = config.get("checkpoint") or ""
-config["checkpoint"] = "checkpoint.pt" if checkpoint else None
+is_dir = os.path.isdir(checkpoint)
+packaged = ("checkpoint.dcp" if is_dir else "checkpoint.pt") if checkpoint else None
+config["checkpoint"] = packaged
 with open(staged, "w") as f:
     json.dump(config, f, indent=2)
 if checkpoint:  # its identity in the table store key, so workers need not hash it
-    with open(os.path.join(os.path.dirname(staged), "checkpoint.pt.sha256"), "w") as f:
-        f.write(f"{file_sha256(checkpoint)}  checkpoint.pt\n")
+    digest = (directory_sha256 if is_dir else file_sha256)(checkpoint)
+    with open(os.path.join(os.path.dirname(staged), f"{packaged}.sha256"), "w") as f:
+        f.write(f"{digest}  {packaged}\n")
 print(os.path.abspath(checkpoint) if checkpoint else "")
 ' "$HERE" "$CONFIG" "$CHECKPOINT" "$STAGE/files/model_config.json")"
 # TorchServe puts the .mar's files on the worker's path.
-cp "$HERE/dlrm_request.py" "$HERE/dlrm_table_store.py" "$HERE/dlrm_lean_forward.py" "$STAGE/files/"
-if [[ -n "$CHECKPOINT" ]]; then
+cp "$HERE/dlrm_request.py" "$HERE/dlrm_table_store.py" "$HERE/dlrm_lean_forward.py" "$HERE/dlrm_checkpoint.py" "$STAGE/files/"
+if [[ -d "$CHECKPOINT" ]]; then
+  ln -s "$CHECKPOINT" "$STAGE/files/checkpoint.dcp"  # the archiver copies the directory it points to
+elif [[ -n "$CHECKPOINT" ]]; then
   ln -s "$CHECKPOINT" "$STAGE/files/checkpoint.pt"  # the archiver copies what it points to
 fi
 
@@ -109,7 +119,7 @@ staged, store = sys.argv[2:4]
 with open(os.path.join(staged, "model_config.json")) as f:
     config = json.load(f)
 if config.get("checkpoint"):
-    config["checkpoint"] = os.path.join(staged, "checkpoint.pt")
+    config["checkpoint"] = os.path.join(staged, config["checkpoint"])
 entry = build_store_entry({**config, "table_store": store})
 print("table store:", entry["path"], "(built)" if entry["built"] else "(already there)")
 ' "$HERE" "$STAGE/files" "$TABLE_STORE"

@@ -37,7 +37,9 @@ codes + a float16 scale and bias = 68 B, so the tables take 177,944,275 x 68 B =
 (11.3 GiB) at int8 (int4: 36 B a row, 6.4 GB; fp16: 128 B, 22.8 GB). The float tables would
 take 45.6 GB: no float copy of a whole table set is ever made. Random init draws bytes
 chunk by chunk straight into the quantized rows; a checkpoint is quantized table by table,
-in chunks of rows, from a memory-mapped file.
+in chunks of rows, from a memory-mapped file, or from a ``torch.distributed.checkpoint``
+directory as TorchRec training writes it (``dlrm_checkpoint.py``: each chunk of rows read
+from the ranks' files that hold it, never a whole table or shard).
 
 With a table store, the tables are file pages of the OS page cache instead of this process's
 memory: N processes serving one config hold one copy, a restart maps instead of rebuilding
@@ -90,6 +92,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from tqdm import tqdm
 
+import dlrm_checkpoint
 import dlrm_table_store as table_store
 
 logger = logging.getLogger(__name__)
@@ -291,8 +294,11 @@ def resolve_model_config(
     if not _is_int(cfg["seed"]) or cfg["seed"] < 0:
         _fail("seed", cfg["seed"], "an integer >= 0")
     checkpoint = cfg["checkpoint"]
-    if checkpoint is not None and not (isinstance(checkpoint, str) and os.path.isfile(checkpoint)):
-        _fail("checkpoint", checkpoint, "null or the path of an existing state_dict file")
+    if checkpoint is not None and not (
+        isinstance(checkpoint, str) and (os.path.isfile(checkpoint) or dlrm_checkpoint.is_dcp_directory(checkpoint))
+    ):
+        _fail("checkpoint", checkpoint, "null, the path of an existing state_dict file, or a "
+              "torch.distributed.checkpoint directory (one holding a .metadata file)")  # fmt: skip
     _check_choice(cfg, "id_overflow", ID_OVERFLOW_POLICIES)
     _check_positive_int(cfg, "max_samples_per_request")
     store = cfg["table_store"]
@@ -725,16 +731,21 @@ def _expected_state(cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig]) -
 
 
 def read_checkpoint(path: str, expected: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:
-    """The checkpoint's tensors, memory-mapped (tables are read chunk by chunk later).
+    """The checkpoint's tensors, memory-mapped (tables are read chunk by chunk later); for a
+    DCP directory, ``dlrm_checkpoint.DCPTensor``s, which read rows when sliced.
 
-    Only ``torch.load(weights_only=True)``: a pickled object is refused, never run."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
-        raise ValueError(
-            f"checkpoint {path!r} could not be loaded as a plain state_dict of tensors "
-            f"(torch.load weights_only=True): {e}"
-        ) from e
+    Only ``torch.load(weights_only=True)``: a pickled object is refused, never run (a DCP
+    ``.metadata`` goes through ``dlrm_checkpoint``'s allow-list)."""
+    if os.path.isdir(path):
+        state = dlrm_checkpoint.read_dcp(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+            raise ValueError(
+                f"checkpoint {path!r} could not be loaded as a plain state_dict of tensors "
+                f"(torch.load weights_only=True): {e}"
+            ) from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state_dict")
     if state and all(k.startswith("model.") for k in state):  # TorchRec's DLRMTrain wrapper
@@ -742,9 +753,9 @@ def read_checkpoint(path: str, expected: Dict[str, torch.Size]) -> Dict[str, tor
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     misshaped = sorted(
-        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+        f"{k} {tuple(state[k].shape) if hasattr(state[k], 'shape') else type(state[k]).__name__} (expected {tuple(expected[k])})"
         for k in set(expected) & set(state)
-        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k]
+        if not isinstance(state[k], (torch.Tensor, dlrm_checkpoint.DCPTensor)) or state[k].shape != expected[k]
     )
     if missing or extra or misshaped:
         raise ValueError(
@@ -776,7 +787,7 @@ def copy_dense_weights(model: nn.Module, state: Dict[str, torch.Tensor]) -> None
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in state:
-                param.copy_(state[name])
+                param.copy_(state[name][:])  # [:]: a DCP tensor's rows, read
 
 
 def quantize_checkpoint_tables(shards: List[Shard], state: Dict[str, torch.Tensor], quant_dtype: str) -> None:
@@ -828,7 +839,8 @@ def store_key(cfg: Dict[str, Any], plan: ShardingPlan, compute_device: str) -> D
     the serving-only keys (id_overflow, max_samples_per_request, response_format,
     table_store, device beyond what the plan says)."""
     if cfg["checkpoint"]:
-        init: Dict[str, Any] = {"checkpoint_sha256": table_store.file_sha256(cfg["checkpoint"])}
+        digest = table_store.directory_sha256 if os.path.isdir(cfg["checkpoint"]) else table_store.file_sha256
+        init: Dict[str, Any] = {"checkpoint_sha256": digest(cfg["checkpoint"])}
     else:
         init = {"seed": cfg["seed"], "fill_chunk_rows": FILL_CHUNK_ROWS, "numpy": _release(np.__version__)}
     shards = {

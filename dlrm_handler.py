@@ -90,7 +90,8 @@ def add_gauge(metrics: Any, name: str, value: float, unit: str) -> None:
 def read_served_config(model_dir: str) -> Dict[str, Any]:
     """The resolved config of the ``.mar`` unpacked at ``model_dir``: its ``model_config.json``,
     with ``checkpoint`` set to the packaged ``checkpoint.pt`` when there is one (a relative
-    checkpoint path is taken relative to ``model_dir``) and ``table_store`` set to where
+    checkpoint path is taken relative to ``model_dir``: create_dlrm_mar.sh packages a DCP
+    directory as ``checkpoint.dcp``, and a config naming it so) and ``table_store`` set to where
     this worker keeps the tables (``dlrm_table_store.served_store_dir``)."""
     config = read_config_source(os.path.join(model_dir, CONFIG_FILE))
     packaged = os.path.join(model_dir, CHECKPOINT_FILE)

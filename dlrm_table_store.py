@@ -556,12 +556,40 @@ def file_sha256(path: str) -> str:
     """sha256 of a file's bytes, e.g. a checkpoint's identity in a key. A ``<path>.sha256``
     next to it (``sha256sum``'s format: create_dlrm_mar.sh writes one into the .mar) is
     trusted instead of reading a 45 GB checkpoint at every start."""
+    return _recorded_sha256(path) or _bytes_sha256(path)
+
+
+def directory_sha256(path: str) -> str:
+    """sha256 identifying a directory's files, e.g. a DCP checkpoint's in a key: of one line
+    per file, in sorted order, ``<path relative to the directory> <size> <sha256 of its
+    bytes>``, so that a changed, added, removed or renamed file changes it. A ``<path>.sha256``
+    next to the directory (create_dlrm_mar.sh writes one into the .mar) is trusted instead of
+    reading every rank's file at every start."""
+    path = path.rstrip(os.sep)
+    recorded = _recorded_sha256(path)
+    if recorded:
+        return recorded
+    files = sorted(
+        os.path.relpath(os.path.join(root, name), path)
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+    listing = "".join(f"{name} {os.path.getsize(os.path.join(path, name))} {_bytes_sha256(os.path.join(path, name))}\n" for name in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _recorded_sha256(path: str) -> Optional[str]:
+    """The digest of ``<path>.sha256`` (``sha256sum``'s format), if there is one."""
     sidecar = f"{path}.sha256"
     if os.path.isfile(sidecar):
         with open(sidecar) as f:
             recorded = f.read().split()
         if recorded and len(recorded[0]) == 64:
             return recorded[0].lower()
+    return None
+
+
+def _bytes_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
