@@ -40,7 +40,7 @@ from test_table_store import flip_a_table_byte
 from torchserve_process import http_request, read_only_launcher
 
 from dlrm_factory import DLRMFactory, create_default_model_config, resolve_model_config
-from dlrm_request import parse_request_lists
+from dlrm_request import parse_request
 
 UPDATE_MODEL = os.path.join(REPO, "scripts", "update_model.py")
 KEYS = [f"cat_{f}" for f in range(len(SMALL_TABLE_SIZES))]
@@ -86,12 +86,12 @@ def test_the_default_smoke_request_is_one_valid_sample_for_its_config(config: Di
     resolved = resolve_model_config(config)
 
     body = update_command.smoke_request(config)
-    dense, lengths, values, samples, one_sample = parse_request_lists(json.dumps(body).encode(), resolved)
+    dense, lengths, values, one_sample = parse_request(json.dumps(body).encode(), resolved)
 
-    assert (samples, one_sample) == (1, True)
-    assert len(dense) == resolved["dense_in_features"] and lengths == [1] * len(resolved["num_embeddings_per_feature"])
+    assert (dense.shape, one_sample) == ((1, resolved["dense_in_features"]), True)
+    assert lengths.tolist() == [[1] * len(resolved["num_embeddings_per_feature"])]
     expected = [size - 1 for size in config["num_embeddings_per_feature"]] if "num_embeddings_per_feature" in config else [0] * 26
-    assert values == expected  # each table's last row (0 where the sizes are the defaults)
+    assert values.tolist() == expected  # each table's last row (0 where the sizes are the defaults)
 
 
 # --- fixtures: the store, the .mars, the server, the load --------------------------------------
