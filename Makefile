@@ -1,6 +1,7 @@
 # make demo  - set up if needed, build dlrm.mar, start TorchServe, score sample_data.json
 # make test  - set up if needed, run the whole test suite
 # make setup - create .venv/ and install the pinned CPU stack (and the test tools)
+# make gpu-check - on a GPU host (CUDA builds installed: README, GPUs), check the GPU path once
 # make kserve - build kserve/model-store/dlrm.mar and kserve/table_store/ (its tables): with
 #               kserve/config/, the tree KServe mounts at /mnt/models (README, "KServe")
 SHELL := /bin/bash
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_FLAGS ?=
 
-.PHONY: setup test check-java demo stop kserve
+.PHONY: setup test check-java demo stop kserve gpu-check
 
 setup: $(STAMP)
 
@@ -31,6 +32,9 @@ check-java:
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 # Package model_config.json (the full Criteo 1TB model: ~12 GB of int8 tables, built into the
 # table store at the first start, ~40 s; mapped at every later one, ~6 s), serve it on

@@ -1,4 +1,4 @@
-"""Build a quantized, sharded TorchRec DLRM ready to serve, on CPU or on every visible GPU.
+"""Build a quantized, sharded TorchRec DLRM ready to serve, on CPU or on GPUs.
 
 ``DLRMFactory(config)`` returns the model (an ``nn.Module``), never a factory instance:
 
@@ -9,11 +9,14 @@ embedding table each) and D = ``embedding_dim``. The model is in eval mode; its 
 ``ShardingPlan`` is at ``model.plan``.
 
 Pipeline (one small function each, in this order):
-    1. ``select_devices``               cuda:0..world_size-1, or the CPU
+    1. ``select_devices``               the CPU, or world_size GPUs (``choose_devices``)
     2. ``build_embedding_bag_configs``  one ``EmbeddingBagConfig`` per table, ``t_<feature>``
-    3. ``build_dlrm``                   ``DLRM`` with its tables on the ``meta`` device
+    3. ``build_dlrm``                   ``DLRM`` with its tables on the ``meta`` device, its
+                                        dense layers drawn on the CPU from ``seed``, then moved
     4. ``quantize_tables``              TorchRec's ``quantize_embeddings`` to ``quant_dtype``
-    5. ``plan_sharding``                ``EmbeddingShardingPlanner`` over a ``Topology``
+    5. ``plan_to_fit``                  ``EmbeddingShardingPlanner`` over a ``Topology``
+                                        (``plan_sharding``), on GPUs against the memory this
+                                        process may use: a config that cannot fit is refused
     6. ``shard_tables``                 ``ShardedQuantEmbeddingBagCollection`` allocates shards
     7. ``fill_tables``                  weights written into the shards: a checkpoint, or a
                                         seeded random init (TorchRec's uniform +-sqrt(1/rows))
@@ -34,17 +37,26 @@ codes + a float16 scale and bias = 68 B, so the tables take 177,944,275 x 68 B =
 (11.3 GiB) at int8 (int4: 36 B a row, 6.4 GB; fp16: 128 B, 22.8 GB). The float tables would
 take 45.6 GB: no float copy of a whole table set is ever made. Random init draws bytes
 chunk by chunk straight into the quantized rows; a checkpoint is quantized table by table,
-in chunks of rows, from a memory-mapped file.
+in chunks of rows, from a memory-mapped file, or from a ``torch.distributed.checkpoint``
+directory as TorchRec training writes it (``dlrm_checkpoint.py``: each chunk of rows read
+from the ranks' files that hold it, never a whole table or shard).
 
 With a table store, the tables are file pages of the OS page cache instead of this process's
 memory: N processes serving one config hold one copy, a restart maps instead of rebuilding
 (the full default: ~0.1 s and 0.25 GiB of private memory instead of ~35 s and 11.6 GiB), and
 tables larger than RAM page in on use.
 
+GPUs: a TorchServe worker serves on its own GPU (``serving_config``: TorchServe's ``gpu_id``
+becomes ``device: "cuda:<gpu_id>"``, and world_size GPUs from there, wrapping around), and
+plans against its share of each GPU (``gpu_memory_fraction``). TorchRec's inference sharding
+places rank r on cuda:r; ``place_ranks_on_gpus`` maps the ranks to the worker's GPUs.
+
 Global side effects, in one place each: CPU sharding needs TorchRec's device propagation
 (``torchrec.distributed.global_settings.set_propogate_device(True)``); ``select_devices``
-switches it on for the process when the CPU is used, and logs it; and the table store
-replaces fbgemm's weight allocation only while it shards (``dlrm_table_store.tbe_weights_from``).
+switches it on for the process when the CPU is used, and logs it; on GPUs it maps TorchRec's
+ranks to this process's GPUs (``place_ranks_on_gpus``: one placement per process); and the
+table store replaces fbgemm's weight allocation only while it shards
+(``dlrm_table_store.tbe_weights_from``).
 """
 
 import copy
@@ -52,29 +64,35 @@ import json
 import logging
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import fbgemm_gpu
 import numpy as np
 import torch
 import torchrec
+import torchrec.distributed.dist_data as torchrec_dist_data
+import torchrec.distributed.embedding_lookup as torchrec_embedding_lookup
 from torch import nn
 from torchrec.distributed import global_settings
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.fused_params import FUSED_PARAM_QUANT_STATE_DICT_SPLIT_SCALE_BIAS
 from torchrec.distributed.quant_embeddingbag import (
     QuantEmbeddingBagCollectionSharder,
     ShardedQuantEmbeddingBagCollection,
 )
-from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.distributed.types import ShardingPlan, ShardingType, rank_device
 from torchrec.inference.modules import quantize_embeddings, shard_quant_model
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from tqdm import tqdm
 
+import dlrm_checkpoint
 import dlrm_row_order as row_order
 import dlrm_table_store as table_store
 
@@ -97,7 +115,15 @@ SHARDING_TYPES: Dict[str, str] = {
     "table_wise": ShardingType.TABLE_WISE.value,
     "row_wise": ShardingType.ROW_WISE.value,
 }
-DEVICES = ("auto", "cuda", "cpu")
+DEVICES = ("auto", "cuda", "cpu")  # and "cuda:<N>": the first of world_size GPUs
+CUDA_INDEX = re.compile(r"cuda:(\d+)")
+# embedding_dim must be a multiple of this for the quant dtype. fbgemm 1.8's IntNBit TBE
+# asserts only that a row packs into whole bytes (int4: even D; its docstring's "multiple of
+# 4" is stricter than its code, and its CUDA kernels store a row's last partial vector of
+# outputs); TorchRec 1.8's sharded quant state views each row's 4-byte scale/bias as float16,
+# which needs an even row length where rows are unpadded (the CPU; CUDA pads them to 16 B):
+# int8 rows of D + 4 bytes, int4 rows of D/2 + 4. A config must serve on both devices.
+EMBEDDING_DIM_MULTIPLE = {"int8": 2, "int4": 4, "fp16": 1, "fp32": 1}
 ID_OVERFLOW_POLICIES = ("error", "hash")
 # "dlrm": {"score", "probability"} (SPEC §4); "upstream": {"default": [logit, ...]}, the
 # pytorch/serve example's answer, a list even for one sample.
@@ -138,6 +164,7 @@ def create_default_model_config() -> Dict[str, Any]:
         "sharding_type": "table_wise",
         "device": "auto",
         "world_size": None,
+        "gpu_memory_fraction": None,
         "seed": 0,
         "checkpoint": None,
         "id_overflow": "error",
@@ -261,23 +288,35 @@ def resolve_model_config(
         )
 
     _check_choice(cfg, "quant_dtype", QUANT_DTYPES)
-    bits = QUANT_DTYPES[cfg["quant_dtype"]][1]
-    if cfg["embedding_dim"] * bits % 8 != 0:
-        _fail("embedding_dim", cfg["embedding_dim"], f"a multiple of {8 // bits} for {cfg['quant_dtype']}")
+    multiple = EMBEDDING_DIM_MULTIPLE[cfg["quant_dtype"]]
+    if cfg["embedding_dim"] % multiple != 0:
+        _fail("embedding_dim", cfg["embedding_dim"], f"a multiple of {multiple} for {cfg['quant_dtype']}: "
+              "fbgemm packs a row into whole bytes and TorchRec reads its float16 scale/bias in place, "
+              "so a row (D values and 4 bytes of scale/bias) must be an even number of bytes")
     _check_choice(cfg, "sharding_type", SHARDING_TYPES)
     if cfg["sharding_type"] == "row_wise" and cfg["quant_dtype"] not in ("int8", "int4"):
         _fail("sharding_type", "row_wise", f"'table_wise' for {cfg['quant_dtype']} (TorchRec 1.8 row-wise-shards only int8/int4)")
-    _check_choice(cfg, "device", DEVICES)
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():
-        _fail("device", "cuda", "'cpu' or 'auto': no CUDA device is visible")
+    device = cfg["device"]
+    if not (device in DEVICES or (isinstance(device, str) and CUDA_INDEX.fullmatch(device))):
+        _fail("device", device, "one of " + ", ".join(repr(c) for c in DEVICES) + " or 'cuda:<N>' (the first GPU)")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        _fail("device", cfg["device"], "'cpu' or 'auto': no CUDA device is visible")
     world_size = cfg["world_size"]
     if world_size is not None and (not _is_int(world_size) or world_size < 1):
-        _fail("world_size", world_size, "null (every visible GPU; 1 on CPU) or an integer >= 1")
+        _fail("world_size", world_size,
+              "null (every visible GPU, one for a TorchServe worker; 1 on CPU) or an integer >= 1")  # fmt: skip
+    fraction = cfg["gpu_memory_fraction"]
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
+        _fail("gpu_memory_fraction", fraction,
+              "null (all of each GPU) or a number in (0, 1]: the share of each GPU's memory the tables may plan on")  # fmt: skip
     if not _is_int(cfg["seed"]) or cfg["seed"] < 0:
         _fail("seed", cfg["seed"], "an integer >= 0")
     checkpoint = cfg["checkpoint"]
-    if checkpoint is not None and not (isinstance(checkpoint, str) and os.path.isfile(checkpoint)):
-        _fail("checkpoint", checkpoint, "null or the path of an existing state_dict file")
+    if checkpoint is not None and not (
+        isinstance(checkpoint, str) and (os.path.isfile(checkpoint) or dlrm_checkpoint.is_dcp_directory(checkpoint))
+    ):
+        _fail("checkpoint", checkpoint, "null, the path of an existing state_dict file, or a "
+              "torch.distributed.checkpoint directory (one holding a .metadata file)")  # fmt: skip
     _check_choice(cfg, "id_overflow", ID_OVERFLOW_POLICIES)
     _check_positive_int(cfg, "max_samples_per_request")
     store = cfg["table_store"]
@@ -304,20 +343,127 @@ def resolve_model_config(
 # ---------------------------------------------------------------------------------------
 
 
+def visible_gpus() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose_devices(
+    device: str, world_size: Optional[int], cuda_count: int, gpu_id: Optional[int] = None, served: bool = False
+) -> Tuple[str, int, List[int]]:
+    """Step 1's decision, a pure function: (compute device, world size, GPU of each rank).
+
+    ``device`` and ``world_size`` are the config's; ``cuda_count`` the GPUs this process sees;
+    ``gpu_id`` TorchServe's ``context.system_properties["gpu_id"]`` and ``served`` whether a
+    TorchServe worker asks (its gpu_id None means TorchServe gave it no GPU: number_of_gpu=0,
+    or no GPU found). The ranks' GPUs start at N of ``cuda:N``, else at ``gpu_id``, else at 0,
+    and wrap around; world_size None means every visible GPU, one for a served worker (one
+    worker per GPU), 1 on the CPU. Raises ValueError naming the key for what cannot be met.
+
+        choose_devices("auto", None, 4)                            -> ("cuda", 4, [0, 1, 2, 3])
+        choose_devices("auto", None, 4, gpu_id=3, served=True)     -> ("cuda", 1, [3])
+        choose_devices("auto", 2, 4, gpu_id=3, served=True)        -> ("cuda", 2, [3, 0])
+        choose_devices("auto", None, 4, gpu_id=None, served=True)  -> ("cpu", 1, [])
+    """
+    if device == "cpu" or (device == "auto" and (cuda_count == 0 or (served and gpu_id is None))):
+        return "cpu", world_size or 1, []
+    if cuda_count == 0:
+        _fail("device", device, "'cpu' or 'auto': no CUDA device is visible")
+    pinned = CUDA_INDEX.fullmatch(device)
+    if pinned is None and served and gpu_id is None:
+        _fail("device", device, "'auto' or 'cpu' for this worker: TorchServe gave it no GPU (gpu_id None: "
+              "number_of_gpu=0 in config.properties, or TorchServe found no GPU)")  # fmt: skip
+    first = int(pinned.group(1)) if pinned else (gpu_id or 0)
+    if first >= cuda_count:
+        what = f"'device' is {device!r}" if pinned else f"TorchServe's gpu_id is {gpu_id}"
+        raise ValueError(f"model config: {what}; expected a GPU below {cuda_count}, the number of visible GPUs")
+    count = world_size or (1 if served else cuda_count)
+    if count > cuda_count:
+        _fail("world_size", world_size, f"at most {cuda_count}, the number of visible GPUs")
+    return "cuda", count, [(first + rank) % cuda_count for rank in range(count)]
+
+
+def workers_per_gpu(workers: int, world_size: int, cuda_count: int) -> int:
+    """The most workers of one model holding shards on one GPU, when TorchServe hands the
+    ``workers`` their gpu_ids round robin over ``cuda_count`` GPUs and each spans
+    ``world_size`` GPUs from its own: e.g. 4 workers on 4 GPUs, world_size 2 -> 2."""
+    return world_size * (workers // cuda_count) + min(world_size, workers % cuda_count)
+
+
+def serving_config(
+    config: Dict[str, Any], gpu_id: Optional[int], cuda_count: int, workers: Optional[int] = None
+) -> Dict[str, Any]:
+    """The resolved ``config`` a TorchServe worker builds, its devices made explicit: the CPU
+    (also for ``device: "auto"`` when TorchServe gave it no GPU), or ``device: "cuda:<first>"``
+    and ``world_size`` from ``choose_devices``, with ``gpu_memory_fraction`` divided among the
+    workers sharing a GPU (``workers``: the model's maxWorkers; None: one per GPU, TorchServe's
+    default), so that each plans against what it may use, not the whole GPU."""
+    compute, world_size, gpus = choose_devices(config["device"], config["world_size"], cuda_count, gpu_id, served=True)
+    if compute == "cpu":
+        return {**config, "device": "cpu", "world_size": world_size}
+    sharers = workers_per_gpu(workers or cuda_count, world_size, cuda_count)
+    fraction = (config["gpu_memory_fraction"] or 1.0) / sharers
+    return {**config, "device": f"cuda:{gpus[0]}", "world_size": world_size, "gpu_memory_fraction": fraction}
+
+
+# TorchRec rank -> the GPU it runs on in this process (``place_ranks_on_gpus``).
+_RANK_GPUS: Dict[int, int] = {}
+
+
+def _rank_device(device_type: str, rank: int) -> torch.device:
+    """TorchRec's ``rank_device`` with CUDA ranks on this process's GPUs."""
+    if device_type == "cuda":
+        return torch.device("cuda", _RANK_GPUS.get(rank, rank))
+    return rank_device(device_type, rank)
+
+
+def place_ranks_on_gpus(gpus: List[int]) -> None:
+    """Run TorchRec rank r on ``cuda:gpus[r]`` in this process.
+
+    TorchRec 1.8's inference sharding puts rank r on cuda:r (``torchrec.distributed.types.
+    rank_device``: the lookups' TBEs at sharding, ``KJTOneToAll``'s copies at every forward).
+    A worker serving on its gpu_id needs its ranks elsewhere, so those two callers get
+    ``_rank_device`` instead, for the rest of the process. One placement per process (a
+    worker serves one model): a later model whose ranks would land elsewhere is refused."""
+    clash = {rank: (_RANK_GPUS[rank], gpu) for rank, gpu in enumerate(gpus) if _RANK_GPUS.get(rank, gpu) != gpu}
+    if clash:
+        raise ValueError(
+            f"TorchRec ranks already run on other GPUs in this process (rank: (there, asked)) {clash}: "
+            "one GPU placement per process; build this model in another process"
+        )
+    _RANK_GPUS.update(enumerate(gpus))
+    torchrec_dist_data.rank_device = torchrec_embedding_lookup.rank_device = _rank_device
+
+
+# True while ``build_store_entry`` builds a GPU model's entry: TorchRec shards onto ``meta``.
+_TABLES_ON_META = False
+
+
+@contextmanager
+def tables_on_meta() -> Iterator[None]:
+    """Inside: a CUDA model's tables are sharded onto ``meta`` (no GPU memory), as TorchRec's
+    own ``shard_quant_model(sharding_device="meta")`` does; for building a store entry only."""
+    global _TABLES_ON_META
+    _TABLES_ON_META = True
+    try:
+        yield
+    finally:
+        _TABLES_ON_META = False
+
+
 def select_devices(cfg: Dict[str, Any]) -> Tuple[str, int, torch.device]:
-    """Step 1: (compute device type, world size, device of the dense layers)."""
-    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        visible = torch.cuda.device_count()
-        world_size = cfg["world_size"] or visible
-        if world_size > visible:
-            _fail("world_size", world_size, f"at most {visible}, the number of visible GPUs")
-        torch.cuda.set_device(0)
-        return "cuda", world_size, torch.device("cuda", 0)
+    """Step 1: (compute device type, world size, device of the dense layers); see
+    ``choose_devices``. On GPUs TorchRec's ranks are placed on them (``place_ranks_on_gpus``)."""
+    compute, world_size, gpus = choose_devices(cfg["device"], cfg["world_size"], visible_gpus())
+    if compute == "cuda":
+        place_ranks_on_gpus(gpus)
+        torch.cuda.set_device(gpus[0])
+        logger.info("CUDA: %d rank(s) on %s", world_size, ", ".join(f"cuda:{g}" for g in gpus))
+        return "cuda", world_size, torch.device("cuda", gpus[0])
     # TorchRec builds CUDA tables unless told to keep the device it is given.
     global_settings.set_propogate_device(True)
     logger.info("CPU sharding: switched on TorchRec's device propagation for this process")
-    return "cpu", cfg["world_size"] or 1, torch.device("cpu")
+    return "cpu", world_size, torch.device("cpu")
 
 
 def build_embedding_bag_configs(cfg: Dict[str, Any]) -> List[EmbeddingBagConfig]:
@@ -339,18 +485,24 @@ def build_dlrm(
     cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig], dense_device: torch.device
 ) -> DLRM:
     """Step 3: the float DLRM; its tables live on ``meta`` (no memory), its dense layers are
-    initialized from ``seed`` without touching the process's global RNG."""
+    drawn on the CPU from ``seed``, then moved to ``dense_device``: the same weights on every
+    device. Only the CPU generator is seeded (``torch.manual_seed`` would also seed every CUDA
+    generator), and its state is restored: the caller's RNG states are left as they were."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["seed"])
-        return DLRM(
+        torch.default_generator.manual_seed(cfg["seed"])
+        model = DLRM(
             embedding_bag_collection=EmbeddingBagCollection(
                 tables=eb_configs, device=torch.device("meta")
             ),
             dense_in_features=cfg["dense_in_features"],
             dense_arch_layer_sizes=cfg["dense_arch_layer_sizes"],
             over_arch_layer_sizes=cfg["over_arch_layer_sizes"],
-            dense_device=dense_device,
+            dense_device=torch.device("cpu"),
         )
+    for name, child in model.named_children():
+        if name != "sparse_arch":  # the tables stay on meta until sharded
+            child.to(dense_device)
+    return model
 
 
 def quantize_tables(model: DLRM, quant_dtype: str) -> DLRM:
@@ -365,9 +517,10 @@ def plan_sharding(
     quant_dtype: str,
     compute_device: str,
     world_size: int,
+    hbm_cap: Optional[int] = None,
 ) -> ShardingPlan:
     """Step 5: where each table goes, tables constrained to ``sharding_type`` and the
-    quant kernel."""
+    quant kernel; on CUDA each rank gets ``hbm_cap`` bytes (None: TorchRec's 32 GB default)."""
     constraints = {
         table.name: ParameterConstraints(
             sharding_types=[SHARDING_TYPES[sharding_type]],
@@ -379,11 +532,77 @@ def plan_sharding(
         world_size=world_size,
         compute_device=compute_device,
         local_world_size=world_size,
-        # The planner's default HBM is 32 GB; plan against the GPUs really present.
-        hbm_cap=torch.cuda.get_device_properties(0).total_memory if compute_device == "cuda" else None,
+        hbm_cap=hbm_cap,
     )
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     return planner.plan(module=model, sharders=[_sharder(quant_dtype)])
+
+
+# The share of each device TorchRec's planner keeps for what is not tables (its
+# HeuristicalStorageReservation's default percentage).
+PLANNER_RESERVE = 0.15
+
+
+def gpu_memory_of(cfg: Dict[str, Any], compute_device: str) -> Dict[int, Tuple[int, int]]:
+    """{GPU of each rank: (bytes its tables may plan on, bytes free now)}; {} on the CPU.
+
+    The bytes to plan on are the GPU's total memory x ``gpu_memory_fraction`` (what this
+    process may use: ``serving_config`` divides it among the workers sharing a GPU), the same
+    at every start, so the plan and the store entry's key do not depend on what else runs;
+    the free bytes are checked apart (``plan_to_fit``; not for an entry built on ``meta``)."""
+    if compute_device != "cuda":
+        return {}
+    _, _, gpus = choose_devices(cfg["device"], cfg["world_size"], visible_gpus())
+    fraction = cfg["gpu_memory_fraction"] or 1.0
+    return {g: (int(torch.cuda.get_device_properties(g).total_memory * fraction),
+                1 << 62 if _TABLES_ON_META else torch.cuda.mem_get_info(g)[0])
+            for g in gpus}  # fmt: skip
+
+
+def plan_to_fit(
+    model: nn.Module,
+    eb_configs: List[EmbeddingBagConfig],
+    cfg: Dict[str, Any],
+    compute_device: str,
+    world_size: int,
+    gpu_memory: Dict[int, Tuple[int, int]],
+) -> ShardingPlan:
+    """Step 5 within the memory this process may use: ``plan_sharding`` with each rank capped
+    at the least plan bytes of ``gpu_memory`` (``gpu_memory_of``; {}: no cap, the CPU). A
+    config that cannot fit - the planner finds no plan, or a rank's tables exceed its GPU's
+    free bytes - is a ValueError naming each rank's table bytes (``table_bytes_per_device``)
+    against that memory, before anything is allocated."""
+    args = (model, eb_configs, cfg["sharding_type"], cfg["quant_dtype"], compute_device, world_size)
+    if not gpu_memory:
+        return plan_sharding(*args)
+    gpus = list(gpu_memory)
+    cap = min(plan_bytes for plan_bytes, _ in gpu_memory.values())
+    try:
+        plan: Optional[ShardingPlan] = plan_sharding(*args, hbm_cap=cap)
+    except PlannerError:
+        plan = None
+    per_device = table_bytes_per_device(plan or plan_sharding(*args, hbm_cap=1 << 60), cfg, compute_device)
+    needed = {int(name.split()[1]): size for name, size in per_device.items()}  # "rank 0 (cuda:0)": bytes
+    short = [rank for rank, size in needed.items() if size > gpu_memory[gpus[rank]][1]]
+    if plan is not None and not short:
+        return plan
+    ranks = "; ".join(
+        f"rank {rank} on cuda:{gpus[rank]}: {_bytes(needed.get(rank, 0))} of tables, "
+        f"{_bytes(gpu_memory[gpus[rank]][0])} to plan on, {_bytes(gpu_memory[gpus[rank]][1])} free"
+        for rank in range(world_size)
+    )
+    why = ("TorchRec's planner found no plan: each rank keeps "
+           f"{PLANNER_RESERVE:.0%} of its bytes to plan on for the rest" if plan is None else "not enough free memory")  # fmt: skip
+    raise ValueError(
+        f"model config: the tables do not fit the GPU memory this process may use ({why}): {ranks}. "
+        f"Expected fewer table bytes (quant_dtype is {cfg['quant_dtype']!r}), more GPUs (world_size is "
+        f"{world_size}), a larger gpu_memory_fraction (the share of each GPU: "
+        f"{cfg['gpu_memory_fraction'] or 1.0:.3g}), or fewer workers per GPU"
+    )
+
+
+def _bytes(size: int) -> str:
+    return f"{size:,} B ({size / 1e9:.2f} GB)"
 
 
 def shard_tables(
@@ -391,11 +610,15 @@ def shard_tables(
 ) -> nn.Module:
     """Step 6: replace the EBC by a ``ShardedQuantEmbeddingBagCollection``; this allocates
     the quantized shards (filled with zeros) on their devices."""
+    if compute_device == "cuda":  # the first rank's GPU (place_ranks_on_gpus), or meta for an entry only
+        sharding_device = "meta" if _TABLES_ON_META else f"cuda:{_RANK_GPUS.get(0, 0)}"
+    else:
+        sharding_device = "cpu"
     sharded, _ = shard_quant_model(
         model,
         world_size=world_size,
         compute_device=compute_device,
-        sharding_device="cuda:0" if compute_device == "cuda" else "cpu",
+        sharding_device=sharding_device,
         sharders=[_sharder(quant_dtype)],
         sharding_plan=plan,
     )
@@ -527,16 +750,21 @@ def _expected_state(cfg: Dict[str, Any], eb_configs: List[EmbeddingBagConfig]) -
 
 
 def read_checkpoint(path: str, expected: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:
-    """The checkpoint's tensors, memory-mapped (tables are read chunk by chunk later).
+    """The checkpoint's tensors, memory-mapped (tables are read chunk by chunk later); for a
+    DCP directory, ``dlrm_checkpoint.DCPTensor``s, which read rows when sliced.
 
-    Only ``torch.load(weights_only=True)``: a pickled object is refused, never run."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
-        raise ValueError(
-            f"checkpoint {path!r} could not be loaded as a plain state_dict of tensors "
-            f"(torch.load weights_only=True): {e}"
-        ) from e
+    Only ``torch.load(weights_only=True)``: a pickled object is refused, never run (a DCP
+    ``.metadata`` goes through ``dlrm_checkpoint``'s allow-list)."""
+    if os.path.isdir(path):
+        state = dlrm_checkpoint.read_dcp(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+            raise ValueError(
+                f"checkpoint {path!r} could not be loaded as a plain state_dict of tensors "
+                f"(torch.load weights_only=True): {e}"
+            ) from e
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state_dict")
     if state and all(k.startswith("model.") for k in state):  # TorchRec's DLRMTrain wrapper
@@ -544,9 +772,9 @@ def read_checkpoint(path: str, expected: Dict[str, torch.Size]) -> Dict[str, tor
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     misshaped = sorted(
-        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+        f"{k} {tuple(state[k].shape) if hasattr(state[k], 'shape') else type(state[k]).__name__} (expected {tuple(expected[k])})"
         for k in set(expected) & set(state)
-        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k]
+        if not isinstance(state[k], (torch.Tensor, dlrm_checkpoint.DCPTensor)) or state[k].shape != expected[k]
     )
     if missing or extra or misshaped:
         raise ValueError(
@@ -578,7 +806,7 @@ def copy_dense_weights(model: nn.Module, state: Dict[str, torch.Tensor]) -> None
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in state:
-                param.copy_(state[name])
+                param.copy_(state[name][:])  # [:]: a DCP tensor's rows, read
 
 
 def quantize_checkpoint_tables(shards: List[Shard], state: Dict[str, torch.Tensor], quant_dtype: str) -> None:
@@ -630,7 +858,8 @@ def store_key(cfg: Dict[str, Any], plan: ShardingPlan, compute_device: str) -> D
     the serving-only keys (id_overflow, max_samples_per_request, response_format,
     table_store, device beyond what the plan says)."""
     if cfg["checkpoint"]:
-        init: Dict[str, Any] = {"checkpoint_sha256": table_store.file_sha256(cfg["checkpoint"])}
+        digest = table_store.directory_sha256 if os.path.isdir(cfg["checkpoint"]) else table_store.file_sha256
+        init: Dict[str, Any] = {"checkpoint_sha256": digest(cfg["checkpoint"])}
     else:
         init = {"seed": cfg["seed"], "fill_chunk_rows": FILL_CHUNK_ROWS, "numpy": _release(np.__version__)}
     shards = {
@@ -697,7 +926,8 @@ def tables_from_store(
         write_tables([s for b, layout in zip(buffers, layouts) for s in table_store.table_shards(b, layout)], cfg, state)
 
     label = f"{cfg['quant_dtype']}-{len(eb_configs)}t-{compute_device}{world_size}{'-ordered' if cfg['id_counts'] else ''}"
-    entry = table_store.open_or_build(cfg["table_store"], label, key, layouts, fill)
+    entry = table_store.open_or_build(cfg["table_store"], label, key, layouts, fill,
+                                      access="random" if compute_device == "cpu" else "sequential")  # fmt: skip
     on_cpu = compute_device == "cpu"
     with table_store.tbe_weights_from(entry.tensors if on_cpu else "own") as created:
         model = shard_tables(model, plan, cfg["quant_dtype"], compute_device, world_size)
@@ -791,8 +1021,23 @@ def plan_only(
     compute_device, world_size, _ = select_devices(cfg)
     eb_configs = build_embedding_bag_configs(cfg)
     model = quantize_tables(build_dlrm(cfg, eb_configs, torch.device("meta")), cfg["quant_dtype"])
-    plan = plan_sharding(model, eb_configs, cfg["sharding_type"], cfg["quant_dtype"], compute_device, world_size)
+    plan = plan_to_fit(model, eb_configs, cfg, compute_device, world_size, gpu_memory_of(cfg, compute_device))
     return plan, cfg, compute_device
+
+
+def build_store_entry(config: Union[Dict[str, Any], str, os.PathLike, None]) -> Dict[str, Any]:
+    """The table store entry the first TorchServe worker of ``config`` would use, built (or
+    found) in its ``table_store`` without putting any table on a GPU: what
+    ``create_dlrm_mar.sh --table-store`` runs. The config is taken as that worker takes it
+    (``serving_config`` with gpu_id 0 where GPUs are visible), so the entry has the key the
+    workers look for; on GPUs TorchRec shards onto ``meta`` (``tables_on_meta``) and nothing
+    is copied. Returns ``{"path", "built"}`` (``model.table_store_entry``)."""
+    cfg = resolve_model_config(config)
+    if not cfg["table_store"]:
+        _fail("table_store", cfg["table_store"], "the directory to build the entry into")
+    gpus = visible_gpus()
+    with tables_on_meta():
+        return DLRMFactory(serving_config(cfg, 0 if gpus else None, gpus)).table_store_entry
 
 
 class DLRMFactory(type):
@@ -809,9 +1054,7 @@ class DLRMFactory(type):
         eb_configs = build_embedding_bag_configs(cfg)
         model = build_dlrm(cfg, eb_configs, dense_device)
         model = quantize_tables(model, cfg["quant_dtype"])
-        plan = plan_sharding(
-            model, eb_configs, cfg["sharding_type"], cfg["quant_dtype"], compute_device, world_size
-        )
+        plan = plan_to_fit(model, eb_configs, cfg, compute_device, world_size, gpu_memory_of(cfg, compute_device))
         if cfg["table_store"]:  # steps 6-7: map the store's entry (built once if missing)
             model = tables_from_store(model, plan, cfg, eb_configs, compute_device, world_size)
         else:

@@ -44,21 +44,21 @@ from ts.utils.util import PredictionException
 
 import dlrm_row_order as row_order
 import dlrm_table_store as table_store
-from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config
+from dlrm_factory import DLRMFactory, read_config_source, resolve_model_config, serving_config, visible_gpus
 from dlrm_lean_forward import optimize_for_inference
 from dlrm_request import (
     BAD_REQUEST,
+    BINARY_HEADER,
     OK,
     PAYLOAD_TOO_LARGE,
     V2_OUTPUTS,
-    ParsedLists,
+    RawRequest,
     RequestPlan,
     answer_bodies,
+    encode_answer,
     error_response,
-    json_bytes,
-    parse_request_lists,
+    parse_batch,
     request_body,
-    stack_requests,
     to_key_major_kjt,
     v2_request,
 )
@@ -92,9 +92,9 @@ def add_gauge(metrics: Any, name: str, value: float, unit: str) -> None:
 def read_served_config(model_dir: str) -> Dict[str, Any]:
     """The resolved config of the ``.mar`` unpacked at ``model_dir``: its ``model_config.json``,
     with ``checkpoint`` set to the packaged ``checkpoint.pt`` when there is one (a relative
-    checkpoint path is taken relative to ``model_dir``, as is ``id_counts``) and
-    ``table_store`` set to where this worker keeps the tables
-    (``dlrm_table_store.served_store_dir``)."""
+    checkpoint path is taken relative to ``model_dir``: create_dlrm_mar.sh packages a DCP
+    directory as ``checkpoint.dcp``, and a config naming it so; so is ``id_counts``) and ``table_store`` set to where
+    this worker keeps the tables (``dlrm_table_store.served_store_dir``)."""
     config = read_config_source(os.path.join(model_dir, CONFIG_FILE))
     packaged = os.path.join(model_dir, CHECKPOINT_FILE)
     if os.path.isfile(packaged):
@@ -176,6 +176,30 @@ def leave_worker(problem: str) -> None:
     os._exit(BAD_ENTRY_EXIT)
 
 
+def binary_header_length(context: Any, idx: int) -> Optional[str]:
+    """The ``Inference-Header-Content-Length`` header of request ``idx`` (HTTP header names
+    are case-insensitive; TorchServe passes them as the client spelled them), or None: a
+    JSON request. None on a context without request headers (``MockContext``)."""
+    try:
+        headers = context.get_all_request_header(idx)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    wanted = BINARY_HEADER.lower()
+    return next((value for name, value in headers.items() if isinstance(name, str) and name.lower() == wanted), None)
+
+
+def raw_requests(data: Any, context: Any, v2: bool) -> List[RawRequest]:
+    """The batch's requests as ``dlrm_request.parse_batch`` takes them: each body (read as
+    BaseHandler reads it, ``request_body``) with its binary header length. Under the
+    ``kservev2`` envelope, ``data`` is the inputs of one v2 request (``v2_request``)."""
+    if v2:
+        try:
+            return [(v2_request(data), None)]
+        except ValueError as error:
+            return [(error, None)]
+    return [(request_body(row), binary_header_length(context, idx)) for idx, row in enumerate(data)]
+
+
 class TorchRecDLRMHandler(BaseHandler):
     """Scores DLRM requests; the model is built by ``DLRMFactory`` from the ``.mar``'s
     ``model_config.json`` (and ``checkpoint.pt``, if packaged). Nothing is downloaded.
@@ -188,15 +212,25 @@ class TorchRecDLRMHandler(BaseHandler):
 
     def initialize(self, context: Any) -> None:
         """Build the model. BaseHandler's model loading is not used: it would call the model
-        file's class with no arguments, and a DLRM needs its config."""
+        file's class with no arguments, and a DLRM needs its config.
+
+        Devices: this worker's own GPU, ``context.system_properties["gpu_id"]`` (TorchServe
+        hands them out round robin: one worker per GPU by default), and world_size GPUs from
+        there when the config asks for more; the CPU when TorchServe gave it none
+        (number_of_gpu=0). Its share of each GPU's memory counts the workers that share one
+        (the model YAML's maxWorkers; absent: one per GPU). See ``serving_config``."""
         self.context = context
         self.manifest = context.manifest
         self.model_yaml_config = getattr(context, "model_yaml_config", None) or {}
         model_dir = context.system_properties["model_dir"]
-        self.config = read_served_config(model_dir)
-        logger.info(
-            "DLRM config from %s: %s", os.path.join(model_dir, CONFIG_FILE), json.dumps(self.config)
+        gpu_id = context.system_properties.get("gpu_id")
+        self.config = serving_config(
+            read_served_config(model_dir), gpu_id, visible_gpus(), self.model_yaml_config.get("maxWorkers")
         )
+        logger.info(
+            "DLRM config from %s (TorchServe gpu_id %s): %s",
+            os.path.join(model_dir, CONFIG_FILE), gpu_id, json.dumps(self.config),
+        )  # fmt: skip
         self.model = DLRMFactory(self.config)
         logger.info("tables: %s", getattr(self.model, "table_store_entry", "built in memory (no table store)"))
         threads = serving_threads(self.model_yaml_config)
@@ -215,11 +249,13 @@ class TorchRecDLRMHandler(BaseHandler):
         """The requests of one dynamic batch -> (dense Tensor[B, N], one KJT, the plan).
 
         ``data`` holds TorchServe's rows, each read by ``request_body`` (``row.get("data")
-        or row.get("body")``, as BaseHandler reads them). Every request is parsed alone
-        (``parse_request_lists``); a bad one joins the plan as its error and adds no samples.
-        The good ones are stacked sample-major into one tensor each (B = all their samples),
-        then the ids are turned key-major (``to_key_major_kjt``; ``dlrm_request``'s docstring
-        draws one request next to the KJT it becomes).
+        or row.get("body")``, as BaseHandler reads them); a request with an
+        ``Inference-Header-Content-Length`` header is a binary one (the open inference
+        protocol's binary data extension), any other is JSON. ``parse_batch`` parses each
+        request alone (a bad one joins the plan as its error and adds no samples), stacks
+        the good ones sample-major into one tensor each (B = all their samples) and checks
+        their values at once; then the ids are turned key-major (``to_key_major_kjt``;
+        ``dlrm_request``'s docstring draws one request next to the KJT it becomes).
 
         Under the ``kservev2`` envelope ``data`` is the inputs of one v2 request, and a bad
         one raises ``PredictionException`` with its 4xx (the envelope cannot carry an error
@@ -233,20 +269,10 @@ class TorchRecDLRMHandler(BaseHandler):
                 "kserve/config/config.properties does)",
                 500,
             )
-        plan: RequestPlan = []
-        parsed: List[ParsedLists] = []
-        for row in [data] if v2 else data:
-            try:
-                request = parse_request_lists(v2_request(row) if v2 else request_body(row), self.config)
-            except ValueError as error:
-                plan.append(error)
-                continue
-            parsed.append(request)
-            plan.append((request[3], request[4]))
-        dense, lengths, values = stack_requests(parsed, self.config)
+        plan, dense, lengths, values = parse_batch(raw_requests(data, self.context, v2), self.config)
         kjt = to_key_major_kjt(self.config["id_list_features_keys"], lengths, values)
         metrics = self.context.metrics
-        invalid = len(plan) - len(parsed)
+        invalid = sum(isinstance(item, ValueError) for item in plan)
         if invalid:
             metrics.add_counter(INVALID_METRIC, invalid)
         add_gauge(metrics, SAMPLES_METRIC, dense.shape[0], "count")
@@ -292,19 +318,25 @@ class TorchRecDLRMHandler(BaseHandler):
         if under_kservev2_envelope(self.context):
             self.context.input_names = list(V2_OUTPUTS)  # the envelope's names for the outputs
             return [logits.numpy(), torch.sigmoid(logits).numpy()]
-        answers = answer_bodies(plan, logits, self.config["response_format"])
-        self._set_responses([status for status, _ in answers])
+        answers = answer_bodies(plan, logits, self.config["response_format"], getattr(self.context, "model_name", None))
+        encoded = [encode_answer(body) for _, body in answers]
+        self._set_responses([status for status, _ in answers], [answer[1:] for answer in encoded])
         if self.config["response_format"] == "upstream":
-            return [body for _, body in answers]
-        return [json_bytes(body) for _, body in answers]
+            return [body if isinstance(body, dict) else payload for (_, body), (payload, _, _) in zip(answers, encoded)]
+        return [payload for payload, _, _ in encoded]
 
-    def _set_responses(self, statuses: List[int]) -> None:
-        """Each response's content type and (for an error) its status, on a context that
-        can hold them (a worker's; not ``MockContext``)."""
+    def _set_responses(self, statuses: List[int], headers: List[Tuple[str, Dict[str, str]]]) -> None:
+        """Each response's content type, other headers (a binary answer's
+        Inference-Header-Content-Length) and, for an error, status, on a context that can
+        hold them (a worker's; not ``MockContext``)."""
         context = self.context
         if hasattr(context, "set_response_content_type"):
-            for idx in range(len(statuses)):
-                context.set_response_content_type(idx, "application/json")
+            for idx, (content_type, _) in enumerate(headers):
+                context.set_response_content_type(idx, content_type)
+        if hasattr(context, "set_response_header"):
+            for idx, (_, extra) in enumerate(headers):
+                for name, value in extra.items():
+                    context.set_response_header(idx, name, value)
         if hasattr(context, "set_response_status"):
             for idx, status in enumerate(statuses):
                 if status != OK:

@@ -1,5 +1,6 @@
-"""A lean forward for a ``DLRMFactory`` model on one device: the handler serves with it on
-the CPU (opt-in elsewhere); the scores are TorchRec's, bit for bit.
+"""A lean forward for a ``DLRMFactory`` model on the CPU, world_size 1: the handler serves
+CPU models with it; the scores are TorchRec's, bit for bit. CUDA models keep TorchRec's
+forward (``optimize_for_inference`` refuses them: see its docstring).
 
     model = optimize_for_inference(DLRMFactory(config))   # model(dense, kjt) as before
 
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def optimize_for_inference(model: nn.Module, chunk_rows: int = 1024, compile_dense: bool = False) -> nn.Module:
-    """Give a ``DLRMFactory`` model a lean forward for world_size 1; scores unchanged.
+    """Give a CPU ``DLRMFactory`` model a lean forward for world_size 1; scores unchanged.
 
     TorchRec's path at world_size 1 still runs the sharded machinery for one rank: KJT
     flatten/one-to-all "input dist", per-rank lookup lists, a KeyedTensor "output dist",
@@ -35,9 +36,19 @@ def optimize_for_inference(model: nn.Module, chunk_rows: int = 1024, compile_den
     fixes the order at its first call and misroutes ids after that). Anything unexpected
     (several TBEs, sharded rows) keeps TorchRec's forward; the original forward stays at
     ``model.reference_forward``.
+
+    CPU only: a model with its dense layers or tables elsewhere is a ValueError. On CUDA this
+    forward would index_select with a CPU index and hand the TBE the KJT's int64 ids where
+    TorchRec's CUDA path feeds int32; it is neither adapted nor measured there (no GPU here).
     """
     ebc = model.sparse_arch.embedding_bag_collection
     tbes = list(getattr(ebc, "tbes_configs", dict)().items())
+    devices = {str(p.device) for p in model.parameters()} | {str(tbe.current_device) for tbe, _ in tbes}
+    if devices != {"cpu"}:
+        raise ValueError(
+            f"optimize_for_inference: the model is on {sorted(devices)}; the lean forward is for CPU models "
+            "(world_size 1): serve a CUDA model with TorchRec's forward, as the handler does"
+        )
     if len(tbes) != 1:
         logger.info("optimize_for_inference: %d TBEs (not 1); TorchRec's forward kept", len(tbes))
         return model

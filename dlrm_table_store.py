@@ -216,10 +216,21 @@ def tbe_weights_from(
 
 def copy_into_tbes(entry: Entry, tbes: List[IntNBitTableBatchedEmbeddingBagsCodegen], chunk_rows: int = 1 << 18) -> None:
     """Copy an entry's tables into TBEs that hold their own weights (CUDA shards: rows padded
-    to 16 B on the device), table by table, ``chunk_rows`` rows at a time."""
+    to 16 B on the device), table by table, ``chunk_rows`` rows at a time.
+
+    The entry is read once, front to back (open it with ``access="sequential"``): the next
+    chunk is asked for ahead (``MADV_WILLNEED``: the kernel reads it while this one is copied)
+    and each copied chunk is dropped from this process (``MADV_DONTNEED``), so a cold entry
+    is read in large requests and the mapping holds about two chunks at a time, none after. TBEs on
+    ``meta`` (an entry built without a GPU model, ``dlrm_factory.build_store_entry``) get
+    nothing: the entry is not read."""
     if len(tbes) != len(entry.tensors):
         raise StoreError(f"table store: {len(tbes)} TBEs to fill; {entry.path} holds {len(entry.tensors)}")
     for tbe, buffer, layout in zip(tbes, entry.tensors, entry.layouts):
+        names = [spec[0] for spec in tbe.embedding_specs]
+        if names != [table["name"] for table in layout["tables"]]:
+            raise StoreError(f"table store: the TBE holds tables {names}; {entry.path} has "
+                             f"{[table['name'] for table in layout['tables']]} there")  # fmt: skip
         targets = tbe.split_embedding_weights(split_scale_shifts=False)  # [R, padded row] each
         for (target, _), table in zip(targets, layout["tables"]):
             width = table["row_bytes"]
@@ -227,8 +238,14 @@ def copy_into_tbes(entry: Entry, tbes: List[IntNBitTableBatchedEmbeddingBagsCode
             if target.shape[0] != table["rows"] or target.shape[1] < width:
                 raise StoreError(f"table store: table {table['name']} is {tuple(target.shape)} in the TBE; "
                                  f"{entry.path} has {table['rows']} x {width}")  # fmt: skip
+            if target.is_meta:
+                continue
+            advise(source[:chunk_rows], MADV_WILLNEED)
             for start in range(0, table["rows"], chunk_rows):
+                advise(source[start + chunk_rows : start + 2 * chunk_rows], MADV_WILLNEED)
                 target[start : start + chunk_rows, :width].copy_(source[start : start + chunk_rows])
+                advise(source[start : start + chunk_rows], MADV_DONTNEED)
+        advise(buffer, MADV_DONTNEED)  # and what the kernel mapped around the faults (fault-around)
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,6 +335,12 @@ def verify_blocks(path: str, offsets: Dict[str, Tuple[int, int]], crcs: Dict[str
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MADV_RANDOM = 1
+MADV_SEQUENTIAL = 2
+MADV_WILLNEED = 3
+MADV_DONTNEED = 4
+# How a mapped entry will be read (open_entry's ``access``): lookups on the CPU, or one copy
+# to the GPUs.
+ACCESS_ADVICE = {"random": MADV_RANDOM, "sequential": MADV_SEQUENTIAL}
 
 
 def advise_random_access(tensor: torch.Tensor) -> None:
@@ -331,9 +354,26 @@ def advise_random_access(tensor: torch.Tensor) -> None:
         logger.warning("table store: madvise(MADV_RANDOM) failed: %s", os.strerror(ctypes.get_errno()))
 
 
-def open_entry(path: str, digest: str, full: Optional[bool] = None) -> Entry:
+def advise(tensor: torch.Tensor, advice: int) -> None:
+    """``madvise(advice)`` over the pages of a mapped tensor (a contiguous byte range; the
+    first page rounded down): ``MADV_SEQUENTIAL`` (read ahead, drop pages behind first),
+    ``MADV_WILLNEED`` (start reading them now), ``MADV_DONTNEED`` (unmap them from this
+    process; the file's pages stay in the page cache for others), ``MADV_RANDOM``."""
+    if not tensor.numel():
+        return
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    if _libc.madvise(start, end - start, advice) != 0:
+        logger.warning("table store: madvise(%d) failed: %s", advice, os.strerror(ctypes.get_errno()))
+
+
+def open_entry(path: str, digest: str, full: Optional[bool] = None, access: str = "random") -> Entry:
     """Map the entry at ``path`` and check it (header, key, blocks); raises ``ValueError``
-    saying what is wrong. ``full``: check every block (default: up to FULL_VERIFY_MAX_BYTES)."""
+    saying what is wrong. ``full``: check every block (default: up to FULL_VERIFY_MAX_BYTES).
+    ``access``: how the mapping will be read - ``"random"`` (CPU lookups: ``MADV_RANDOM``, no
+    readahead) or ``"sequential"`` (one copy to the GPUs, ``copy_into_tbes``: readahead)."""
+    if access not in ACCESS_ADVICE:
+        raise ValueError(f"table store: access {access!r}; expected one of {sorted(ACCESS_ADVICE)}")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -363,7 +403,7 @@ def open_entry(path: str, digest: str, full: Optional[bool] = None) -> Entry:
     if bad:
         raise ValueError(f"corrupted: {bad}")
     for tensor in tensors.values():
-        advise_random_access(tensor)
+        advise_random_access(tensor) if access == "random" else advise(tensor, ACCESS_ADVICE[access])
     maps = tuple(tensors.get(f"map{k}") for k in range(len(layouts)))
     return Entry(path, [tensors[f"tbe{k}"] for k in range(len(layouts))], layouts, built=False, maps=maps)
 
@@ -473,10 +513,12 @@ def open_or_build(
     key: Dict[str, Any],
     layouts: Callable[[], List[Dict[str, Any]]],
     fill: Callable[[List[torch.Tensor], List[Dict[str, Any]]], None],
+    access: str = "random",
 ) -> Entry:
     """The store's entry for ``key``, mapped: opened if it is there and sound, else built
     (once, under the lock; ``layouts()`` says what to allocate, ``fill`` writes the tables)
-    and published atomically. A read-only store without a sound entry raises StoreError."""
+    and published atomically. A read-only store without a sound entry raises StoreError.
+    ``access``: how the mapping will be read (``open_entry``)."""
     store_dir = os.path.abspath(store_dir)
     digest = key_digest(key)
     path = entry_path(store_dir, label, digest)
@@ -484,7 +526,7 @@ def open_or_build(
     problem = "missing"
     if os.path.exists(path):
         try:
-            return _open_unless_condemned(path, digest)
+            return _open_unless_condemned(path, digest, access)
         except ValueError as e:
             problem = str(e)
     if not _writable(store_dir):
@@ -497,7 +539,7 @@ def open_or_build(
     with _exclusive(os.path.join(store_dir, f".{name}.lock"), path):
         if os.path.exists(path):  # built by another process while this one waited, or bad
             try:
-                return _open_unless_condemned(path, digest)
+                return _open_unless_condemned(path, digest, access)
             except ValueError as e:
                 logger.warning("table store: removing %s (%s)", path, e)
                 os.unlink(path)
@@ -514,7 +556,7 @@ def open_or_build(
                 os.unlink(temp)
             raise
         _fsync_dir(store_dir)
-        entry = open_entry(path, digest)  # the checks every later open makes (its CRCs were just computed)
+        entry = open_entry(path, digest, access=access)  # the checks every later open makes (its CRCs were just computed)
         logger.info("table store: built %s (%.2f GB) in %.1f s", path, os.path.getsize(path) / 1e9, time.perf_counter() - started)
         return entry._replace(built=True)
 
@@ -565,12 +607,40 @@ def file_sha256(path: str) -> str:
     """sha256 of a file's bytes, e.g. a checkpoint's identity in a key. A ``<path>.sha256``
     next to it (``sha256sum``'s format: create_dlrm_mar.sh writes one into the .mar) is
     trusted instead of reading a 45 GB checkpoint at every start."""
+    return _recorded_sha256(path) or _bytes_sha256(path)
+
+
+def directory_sha256(path: str) -> str:
+    """sha256 identifying a directory's files, e.g. a DCP checkpoint's in a key: of one line
+    per file, in sorted order, ``<path relative to the directory> <size> <sha256 of its
+    bytes>``, so that a changed, added, removed or renamed file changes it. A ``<path>.sha256``
+    next to the directory (create_dlrm_mar.sh writes one into the .mar) is trusted instead of
+    reading every rank's file at every start."""
+    path = path.rstrip(os.sep)
+    recorded = _recorded_sha256(path)
+    if recorded:
+        return recorded
+    files = sorted(
+        os.path.relpath(os.path.join(root, name), path)
+        for root, _, names in os.walk(path)
+        for name in names
+    )
+    listing = "".join(f"{name} {os.path.getsize(os.path.join(path, name))} {_bytes_sha256(os.path.join(path, name))}\n" for name in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _recorded_sha256(path: str) -> Optional[str]:
+    """The digest of ``<path>.sha256`` (``sha256sum``'s format), if there is one."""
     sidecar = f"{path}.sha256"
     if os.path.isfile(sidecar):
         with open(sidecar) as f:
             recorded = f.read().split()
         if recorded and len(recorded[0]) == 64:
             return recorded[0].lower()
+    return None
+
+
+def _bytes_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -620,18 +690,6 @@ def apply_row_order(entry: Entry, tbes: List[IntNBitTableBatchedEmbeddingBagsCod
         tbe.original_rows_per_table = torch.tensor([tables[t]["rows"] for t in tbe.feature_table_map], dtype=torch.int64, device=device)
         if mapping.device.type == "cpu" and device.type == "cpu":
             threading.Thread(target=advise, args=(mapping, MADV_WILLNEED), name="dlrm-map-readahead", daemon=True).start()
-
-
-MADV_WILLNEED = 3
-
-
-def advise(tensor: torch.Tensor, advice: int) -> None:
-    """``madvise`` the pages of a mapped tensor (MADV_WILLNEED: read them in now)."""
-    page = mmap.PAGESIZE
-    start = tensor.data_ptr() // page * page
-    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
-    if tensor.numel() and _libc.madvise(start, end - start, advice) != 0:
-        logger.warning("table store: madvise(%d) failed: %s", advice, os.strerror(ctypes.get_errno()))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1000,12 +1058,12 @@ def condemn_entry(path: str, identity: Any, problem: str) -> None:
     logger.error("table store: %s is in a read-only store: recorded %s in %s; starts refuse it until it is rebuilt", path, problem, record)
 
 
-def _open_unless_condemned(path: str, digest: str) -> Entry:
+def _open_unless_condemned(path: str, digest: str, access: str) -> Entry:
     """``open_entry``, unless a background check recorded this file as bad."""
     problem = recorded_failure(path)
     if problem:
         raise ValueError(f"corrupted: {problem} (found by a background check)")
-    return open_entry(path, digest)
+    return open_entry(path, digest, access=access)
 
 
 if __name__ == "__main__":

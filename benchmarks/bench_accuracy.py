@@ -12,7 +12,8 @@ quantized model: >= 0.999). The held-out set is rebuilt from ``training.json`` w
 same generator (``examples/criteo_data.py``) and stream the trainer evaluated on, or read
 from the trainer's ``--eval-tsv`` files, or from ``--eval-tsv`` here (a model trained
 elsewhere: ``--model-dir`` then needs only checkpoint.pt and model_config.json); real data has
-no oracle.
+no oracle. The checkpoint may be a ``checkpoint.dcp/`` directory (``train_dlrm.py`` under
+torchrun): the served models read it as the factory does, the float model whole.
 
     .venv/bin/python examples/train_dlrm.py --out trained/        # 4-10 min on the 2 shared cores
     .venv/bin/python benchmarks/bench_accuracy.py --model-dir trained/
@@ -48,6 +49,7 @@ for _path in (REPO, EXAMPLES):
 import criteo_data  # noqa: E402
 import train_dlrm  # noqa: E402
 from criteo_data import CriteoSamples  # noqa: E402
+from dlrm_checkpoint import read_dcp  # noqa: E402
 from dlrm_factory import DLRMFactory, quantize_rows  # noqa: E402
 from dlrm_lean_forward import optimize_for_inference  # noqa: E402
 
@@ -95,10 +97,23 @@ def held_out_samples(
     return criteo_data.read_criteo_tsv(data["eval"], sizes, max_rows=num_samples)
 
 
+def model_checkpoint(model_dir: str) -> str:
+    """The checkpoint of a model directory: ``checkpoint.pt``, or ``checkpoint.dcp/`` (what
+    ``train_dlrm.py`` writes under torchrun: a torch.distributed.checkpoint directory)."""
+    for name in (train_dlrm.CHECKPOINT_FILE, train_dlrm.CHECKPOINT_DIR):
+        if os.path.exists(os.path.join(model_dir, name)):
+            return os.path.join(model_dir, name)
+    raise SystemExit(f"{model_dir}: holds neither {train_dlrm.CHECKPOINT_FILE} nor {train_dlrm.CHECKPOINT_DIR}/")
+
+
 def float_model(config: Dict[str, Any], checkpoint: str) -> torch.nn.Module:
-    """The trained float TorchRec ``DLRM``, unquantized and unsharded."""
+    """The trained float TorchRec ``DLRM``, unquantized and unsharded (a DCP checkpoint's
+    tensors read whole: this model holds every table anyway)."""
     model = train_dlrm.build_train_model(config, seed=0)
-    state = torch.load(checkpoint, weights_only=True)
+    if os.path.isdir(checkpoint):
+        state = {name: tensor[:] for name, tensor in read_dcp(checkpoint).items()}
+    else:
+        state = torch.load(checkpoint, weights_only=True)
     if state and all(key.startswith("model.") for key in state):  # DLRMTrain's, as train_dlrm saves
         model.load_state_dict(state)
     else:  # a plain DLRM's
@@ -238,7 +253,8 @@ def tqdm_iter(items: Sequence[Any], desc: str) -> Any:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-dir", required=True,
-                   help="checkpoint.pt and model_config.json (and training.json: train_dlrm.py's --out)")
+                   help="checkpoint.pt (or a checkpoint.dcp/ directory) and model_config.json "
+                        "(and training.json: train_dlrm.py's --out)")
     p.add_argument("--eval-tsv", nargs="+", default=None, metavar="FILE",
                    help="held-out Criteo TSV files (default: the trainer's held-out set, from training.json)")
     p.add_argument("--train", action="store_true", help="run examples/train_dlrm.py --out MODEL_DIR (defaults) first")
@@ -256,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.train:
         train_dlrm.main(["--out", args.model_dir])
-    checkpoint = os.path.join(args.model_dir, "checkpoint.pt")
+    checkpoint = model_checkpoint(args.model_dir)
     with open(os.path.join(args.model_dir, "model_config.json")) as f:
         config = json.load(f)
     keys = config["id_list_features_keys"]

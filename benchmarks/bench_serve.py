@@ -1,42 +1,64 @@
-"""Serving benchmark: requests/s and p50/p99 latency of the DLRM handler through a real
-TorchServe, next to a do-nothing handler (``noop_handler.py``) served the same way.
+"""Serving benchmark: samples/s and p50/p99 latency of the DLRM handler through a real
+TorchServe, for requests of 1 to 1024 samples sent as JSON or as binary tensors, next to two
+references measured in the same run: the same model in-process (the ceiling) and a
+do-nothing handler answering the same bodies (``noop_handler.py``: TorchServe's floor).
 
     apt-get install -y wrk            # the load generator (macOS: brew install wrk)
-    .venv/bin/python benchmarks/bench_serve.py          # ~4 minutes on 2 cores
-    .venv/bin/python benchmarks/bench_serve.py --quick  # ~1 minute: short runs, one round
+    .venv/bin/python benchmarks/bench_serve.py                    # one-sample JSON and binary
+    .venv/bin/python benchmarks/bench_serve.py --samples-per-request 1 64 256 1024 --connections 1 16
+    .venv/bin/python benchmarks/bench_serve.py --quick            # short runs, one round
 
 What runs: ONE TorchServe with the repo's config.properties (its addresses moved to free
 loopback ports, gRPC's too; ``--ts-property KEY=VALUE`` to change a line), its own
-TMPDIR/TEMP, stopped by its process group, and two models registered on it from the same
-per-model YAML (the repo's ``model-config.yaml``, the one ``create_dlrm_mar.sh`` packages;
+TMPDIR/TEMP, stopped by its process group, and these models, all from the same per-model
+YAML (the repo's ``model-config.yaml``, the one ``create_dlrm_mar.sh`` packages;
 ``--model-yaml`` to try another):
 
-    dlrm  create_dlrm_mar.sh of the default architecture (D = 64, dense MLP 512-256-64,
-          over MLP 512-512-256-1, 26 tables) with every table capped at ``--max-rows``
-          rows (default 100,000: 917,618 rows, ~66 MB of int8 tables, so the worker starts
-          in seconds); ``--full-config`` serves model_config.json (Criteo 1TB, ~12 GB, minutes)
-    noop  benchmarks/noop_handler.py: a constant answer per request
+    dlrm      create_dlrm_mar.sh of the default architecture (D = 64, dense MLP 512-256-64,
+              over MLP 512-512-256-1, 26 tables) with every table capped at ``--max-rows``
+              rows (default 100,000: 917,618 rows, ~66 MB of int8 tables, so the worker
+              starts in seconds); ``--full-config`` serves model_config.json (Criteo 1TB)
+    dlrm_tT   the same with ``handler: {torch_num_threads: T}`` added to the YAML, one per
+              ``--threads`` value (without ``--threads``: the YAML's own setting, as "dlrm")
+    base      ``--baseline DIR``: dlrm packaged by another checkout's create_dlrm_mar.sh (its
+              handler and request code): an older handler, A/B in the same run (JSON only)
+    noop      benchmarks/noop_handler.py: a constant answer per request
 
-Each request is one sample: sample_data.json with its ids taken modulo the served table
-sizes (so every id is valid: every answer must be a 200), sent as ``application/json``
-(``--content-type`` to compare others). For each connection count (1, 8, 32) the two
-models are measured back to back (noop, then dlrm), each ``--warmup`` s unmeasured and
-then ``--duration`` s measured; ``--rounds`` repeats the whole sweep and the table shows
-each cell's best round (highest req/s, with that round's latencies): other work on a shared
-machine only ever slows a run down. The ratio column is the row's req/s and p99 over the
-no-op row's at the same connections. "batch" is requests per handler call (TorchServe's dynamic batching at work), from
-the PredictionTime metric the worker emits per call, as TorchServe logs it. "other load" is
-the CPU the rest of the machine used meanwhile (cores busy outside this TorchServe and wrk),
-from /proc; "server" in the progress lines is this TorchServe's own CPU (frontend and
-workers).
+The bodies: for one sample, sample_data.json with its ids taken modulo the served table
+sizes; for B samples, B seeded random samples of 13 dense numbers and one valid id per
+table (every answer must be a 200). Each is sent as compact ``application/json`` and as
+``application/octet-stream`` in the open inference protocol's binary layout
+(``dlrm_request.binary_request_body``: FP32 dense, INT64 lengths and ids, binary outputs),
+with its ``Inference-Header-Content-Length``.
+
+For each workers count (``--workers``, scaled with the management API), samples per request,
+format and connection count, the models are measured back to back, each ``--warmup`` s
+unmeasured and then ``--duration`` s measured; ``--rounds`` repeats the sweep and the table
+shows each cell's best round (highest req/s, with that round's latencies): other work on a
+shared machine only ever slows a run down. "batch" is requests per handler call
+(TorchServe's dynamic batching), from the PredictionTime metric the worker emits per call.
+"other load" is the CPU the rest of the machine used meanwhile (cores busy outside this
+TorchServe and wrk), from /proc.
+
+The in-process reference ("in-process" rows): the same model built in W fresh processes
+(``DLRMFactory``, the table store entry the workers mapped, ``optimize_for_inference``, T
+torch threads each, as the handler serves), each calling ``model(dense, kjt)`` on the
+body's batch in a loop for ``--duration`` s: W = the workers count for the rows with more
+than one connection (all cores busy, as under load), W = 1 for one connection (a lone
+request's forward). Its samples/s is what the cores can do for that batch; "x in-process"
+is a row's samples/s over it. The no-op rows are the floor for the same body; "x no-op"
+is a row's req/s over the no-op's. "dlrm_request" below the table is the in-process cost
+of the request path for each body (``parse_batch`` + ``to_key_major_kjt``, one thread,
+median of 200): what the handler adds to the forward.
 
 Why wrk: a closed loop of exactly N keep-alive connections (each sends its next request when
 the previous answer arrives: bounded concurrency, no queue build-up in the client), written
 in C with one event-loop thread, so on a 2-core machine it takes a few percent of a core at
 thousands of requests/s. A Python client would need most of a core for that rate and take it
-from the server it measures. A Lua script (``WRK_LUA``) sets the POST body and prints the
-latency percentiles as JSON. Without wrk the benchmark stops and says how to
-install it.
+from the server it measures. A Lua script (``WRK_LUA``) sets the POST body, read from a file
+in binary mode: Lua strings carry any bytes with their length, so wrk sends a binary body as
+it is, with its headers; it prints the latency percentiles as JSON. Without wrk the
+benchmark stops and says how to install it.
 
 Output: a markdown table on stdout; ``--out`` (default benchmarks/results/bench_serve.png)
 gets the plot, and a .json of every round next to it.
@@ -45,8 +67,10 @@ gets the plot, and a .json of every round next to it.
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -55,26 +79,34 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(REPO, "scripts"), REPO]
 
 from dlrm_factory import create_default_model_config, read_config_source, resolve_model_config  # noqa: E402
+from dlrm_request import binary_request_body, parse_batch, to_key_major_kjt  # noqa: E402
 from torchserve_process import TorchServe, http_request, read_properties  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
-MODELS = ("noop", "dlrm")
+MODELS = ("noop", "base", "dlrm")  # the order of the table's rows (dlrm_tT after dlrm)
+FORMATS = {"json": "application/json", "binary": "application/octet-stream"}
 READY_TIMEOUT_S = {"full": 900, "capped": 180}  # the full config builds 12 GB of tables
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 WRK_LUA = r"""
--- POST the body in $BENCH_BODY as $BENCH_CONTENT_TYPE; print the summary as one JSON line.
+-- POST the body in $BENCH_BODY as $BENCH_CONTENT_TYPE (with $BENCH_HEADER_LENGTH as its
+-- Inference-Header-Content-Length when set: a binary body); print the summary as one JSON line.
 local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+if os.getenv("BENCH_HEADER_LENGTH") ~= "" then
+  wrk.headers["Inference-Header-Content-Length"] = os.getenv("BENCH_HEADER_LENGTH")
+end
 
 function done(summary, latency, requests)
   local e = summary.errors
@@ -119,19 +151,65 @@ def request_body(config: Dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def build_mars(workdir: str, config: Dict[str, Any], model_yaml: str) -> str:
-    """dlrm.mar (create_dlrm_mar.sh) and noop.mar (noop_handler.py), both with ``model_yaml``
-    as their per-model YAML; returns the model store."""
+def request_bodies(config: Dict[str, Any], num_samples: int, seed: int = 0) -> Dict[str, Tuple[bytes, Optional[int]]]:
+    """The request of ``num_samples`` samples in each format: {"json": (compact JSON, None),
+    "binary": (binary body, its header length)}. One sample: ``request_body``; more: seeded
+    random samples, 13 float32 numbers in [-3, 3) (written in full, as a client's
+    ``json.dumps(array.tolist())`` writes them: ~17 digits) and one valid id per table."""
+    if num_samples == 1:
+        request = json.loads(request_body(config))
+    else:
+        rng = random.Random(seed)
+        sizes = config["num_embeddings_per_feature"]
+        request = {
+            "float_features": [[float(np.float32(rng.uniform(-3, 3))) for _ in range(config["dense_in_features"])]
+                               for _ in range(num_samples)],
+            "id_list_features.lengths": [1] * (num_samples * len(sizes)),
+            "id_list_features.values": [rng.randrange(rows) for _ in range(num_samples) for rows in sizes],
+        }  # fmt: skip
+    dense = np.asarray(request["float_features"], dtype=np.float32).reshape(num_samples, -1)
+    lengths = np.asarray(request["id_list_features.lengths"], dtype=np.int64).reshape(num_samples, -1)
+    binary = binary_request_body(dense, lengths, np.asarray(request["id_list_features.values"], dtype=np.int64))
+    as_json = json.dumps(request, separators=(",", ":")).encode()
+    return {"json": (as_json, None), "binary": binary}
+
+
+def yaml_with_threads(model_yaml: str, threads: int, path: str) -> str:
+    """``model_yaml`` with ``handler: {torch_num_threads: threads}``, written to ``path``."""
+    import yaml  # noqa: PLC0415 - TorchServe's own dependency
+
+    with open(model_yaml) as f:
+        settings = yaml.safe_load(f) or {}
+    settings.setdefault("handler", {})["torch_num_threads"] = threads
+    with open(path, "w") as f:
+        yaml.safe_dump(settings, f)
+    return path
+
+
+def dlrm_models(args: argparse.Namespace) -> List[str]:
+    """The DLRM models of the run: "dlrm" (the YAML as it is), or "dlrm_tT" per ``--threads``
+    value; "base" first with ``--baseline``."""
+    dlrm = [f"dlrm_t{t}" for t in args.threads] if args.threads else ["dlrm"]
+    return (["base"] if args.baseline else []) + dlrm
+
+
+def build_mars(workdir: str, config: Dict[str, Any], args: argparse.Namespace) -> str:
+    """Every model's .mar (see the module docstring), all with ``args.model_yaml`` as their
+    per-model YAML (plus the threads setting for dlrm_tT); returns the model store."""
     store = os.path.join(workdir, "model_store")
     config_file = os.path.join(workdir, "served_config.json")
     with open(config_file, "w") as f:
         json.dump(config, f, indent=2)
-    env = {**os.environ, "MODEL_YAML": model_yaml}
-    subprocess.run(
-        [os.path.join(REPO, "create_dlrm_mar.sh"), "--config", config_file,
-         "--export-path", store, "--model-name", "dlrm"],
-        env=env, check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    for model in dlrm_models(args):
+        yaml_file = args.model_yaml
+        if model.startswith("dlrm_t"):
+            yaml_file = yaml_with_threads(args.model_yaml, int(model[len("dlrm_t"):]), os.path.join(workdir, f"{model}.yaml"))
+        repo = args.baseline if model == "base" else REPO
+        subprocess.run(
+            [os.path.join(repo, "create_dlrm_mar.sh"), "--config", config_file,
+             "--export-path", store, "--model-name", model],
+            env={**os.environ, "MODEL_YAML": yaml_file}, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
     archiver_tmp = os.path.join(workdir, "archiver_tmp")  # the archiver stages in $TMPDIR
     os.makedirs(archiver_tmp)
     subprocess.run(
@@ -139,12 +217,95 @@ def build_mars(workdir: str, config: Dict[str, Any], model_yaml: str) -> str:
          "--model-name", "noop",
          "--version", "1.0",
          "--handler", os.path.join(REPO, "benchmarks", "noop_handler.py"),
-         "--config-file", model_yaml,
+         "--config-file", args.model_yaml,
          "--export-path", store,
          "--force"],
         env={**os.environ, "TMPDIR": archiver_tmp}, check=True,
     )  # fmt: skip
     return store
+
+
+# --- the in-process references ----------------------------------------------------------------
+
+
+def _forward_loop(config: Dict[str, Any], body: bytes, header_length: Optional[int], threads: int, seconds: float,
+                  ready: Any, start: Any, results: Any) -> None:  # fmt: skip
+    """One process of ``in_process``: the model as a worker builds it, then ``model(dense,
+    kjt)`` of the body's batch in a loop for ``seconds`` once ``start`` is set."""
+    import torch  # noqa: PLC0415 - in the child
+
+    import dlrm_table_store  # noqa: PLC0415
+    from dlrm_factory import DLRMFactory  # noqa: PLC0415
+    from dlrm_lean_forward import optimize_for_inference  # noqa: PLC0415
+
+    cfg = resolve_model_config({**config, "table_store": dlrm_table_store.served_store_dir(None)})
+    model = optimize_for_inference(DLRMFactory(cfg))
+    torch.set_num_threads(threads)
+    _, dense, lengths, values = parse_batch([(bytearray(body), header_length)], cfg)
+    kjt = to_key_major_kjt(cfg["id_list_features_keys"], lengths, values)
+    with torch.inference_mode():
+        for _ in range(20):
+            model(dense, kjt)
+        ready.release()
+        start.wait()
+        latencies, ended = [], time.perf_counter() + seconds
+        while time.perf_counter() < ended:
+            started = time.perf_counter()
+            model(dense, kjt)
+            latencies.append(time.perf_counter() - started)
+    results.put(latencies)
+
+
+def in_process(config: Dict[str, Any], body: bytes, header_length: Optional[int], num_samples: int,
+               processes: int, threads: int, seconds: float) -> Dict[str, Any]:  # fmt: skip
+    """The ceiling: ``processes`` fresh processes of ``threads`` torch threads each run the
+    body's batch through the model at once; total samples/s and the forwards' p50/p99."""
+    context = multiprocessing.get_context("spawn")
+    ready, start, results = context.Semaphore(0), context.Event(), context.Queue()
+    children = [context.Process(target=_forward_loop, args=(config, body, header_length, threads, seconds, ready, start, results))
+                for _ in range(processes)]  # fmt: skip
+    for child in children:
+        child.start()
+    try:
+        for _ in children:
+            if not ready.acquire(timeout=READY_TIMEOUT_S["full"]):
+                raise RuntimeError("an in-process reference did not build its model in time")
+        start.set()
+        latencies = [results.get(timeout=seconds + 120) for _ in children]
+    finally:
+        for child in children:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+    every = sorted(x for run in latencies for x in run)
+    return {
+        "model": "in-process", "processes": processes, "threads": threads,
+        "rps": sum(map(len, latencies)) / seconds, "samples_per_s": sum(map(len, latencies)) * num_samples / seconds,
+        "p50_ms": every[len(every) // 2] * 1e3, "p99_ms": every[min(len(every) - 1, int(len(every) * 0.99))] * 1e3,
+        "requests": len(every), "batch": float("nan"), "other_cores": float("nan"),
+    }  # fmt: skip
+
+
+def request_path_cost(config: Dict[str, Any], body: bytes, header_length: Optional[int], repeats: int = 200) -> float:
+    """Median seconds of the request path for one body, in this process on one thread:
+    ``parse_batch`` + ``to_key_major_kjt``, from the bytes TorchServe hands over."""
+    import torch  # noqa: PLC0415
+
+    cfg = resolve_model_config(dict(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for i in range(repeats + 20):
+            data = bytearray(body)
+            started = time.perf_counter()
+            _, _, lengths, values = parse_batch([(data, header_length)], cfg)
+            to_key_major_kjt(cfg["id_list_features_keys"], lengths, values)
+            if i >= 20:
+                times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -224,9 +385,11 @@ def machine_busy_seconds() -> float:
     return (sum(ticks[:8]) - ticks[3] - ticks[4]) / CLOCK_TICKS
 
 
-def wrk(url: str, connections: int, seconds: float, lua: str, body_file: str, content_type: str) -> Dict[str, Any]:
+def wrk(url: str, connections: int, seconds: float, lua: str, body_file: str, content_type: str,
+        header_length: Optional[int]) -> Dict[str, Any]:  # fmt: skip
     """One wrk run: ``connections`` keep-alive connections for ``seconds``; its summary."""
-    env = {**os.environ, "BENCH_BODY": body_file, "BENCH_CONTENT_TYPE": content_type}
+    env = {**os.environ, "BENCH_BODY": body_file, "BENCH_CONTENT_TYPE": content_type,
+           "BENCH_HEADER_LENGTH": "" if header_length is None else str(header_length)}  # fmt: skip
     command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "60s", "-s", lua, url]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 120)
     match = re.search(r"^BENCH_JSON (.*)$", done.stdout, re.MULTILINE)
@@ -235,28 +398,28 @@ def wrk(url: str, connections: int, seconds: float, lua: str, body_file: str, co
     return json.loads(match.group(1))
 
 
-def measure(server: BenchServer, model: str, workers: int, connections: int, args: argparse.Namespace,
-            lua: str, body_file: str) -> Dict[str, Any]:  # fmt: skip
-    """Warm up, then measure ``model`` (``workers`` workers) at ``connections``: req/s,
+def measure(server: BenchServer, model: str, connections: int, args: argparse.Namespace, lua: str,
+            body_file: str, fmt: str, header_length: Optional[int]) -> Dict[str, Any]:  # fmt: skip
+    """Warm up, then measure ``model`` at ``connections`` with one body: req/s, samples/s,
     latencies, batch, load."""
     url = f"{server.inference}/predictions/{model}"
     if args.warmup > 0:
-        wrk(url, connections, args.warmup, lua, body_file, args.content_type)
+        wrk(url, connections, args.warmup, lua, body_file, FORMATS[fmt], header_length)
     calls, server_cpu, busy = server.handler_calls(model), server.cpu_seconds(), machine_busy_seconds()
     wrk_cpu = os.times().children_user + os.times().children_system
-    r = wrk(url, connections, args.duration, lua, body_file, args.content_type)
+    r = wrk(url, connections, args.duration, lua, body_file, FORMATS[fmt], header_length)
     seconds = r["duration_us"] / 1e6
     wrk_cpu = os.times().children_user + os.times().children_system - wrk_cpu
     own = server.cpu_seconds() - server_cpu + wrk_cpu
     other = max(0.0, machine_busy_seconds() - busy - own)
     errors = sum(r["errors"].values())
     if errors:
-        raise RuntimeError(f"{model} at {connections} connections: errors {r['errors']} (see {server.log_dir})")
-    time.sleep(1.0)  # the last metrics reach model_metrics.log
+        raise RuntimeError(f"{model} ({fmt}) at {connections} connections: errors {r['errors']} (see {server.log_dir})")
+    time.sleep(1.0)  # the last metrics reach the log
     calls = server.handler_calls(model) - calls
     return {
         "model": model,
-        "workers": workers,
+        "format": fmt,
         "connections": connections,
         "rps": r["requests"] / seconds,
         "p50_ms": r["p50_us"] / 1e3,
@@ -271,71 +434,94 @@ def measure(server: BenchServer, model: str, workers: int, connections: int, arg
 
 # --- report ---------------------------------------------------------------------------------
 
+CELL = ("model", "format", "samples", "workers", "threads", "connections")
 
-def best_rounds(runs: List[Dict[str, Any]], workers: List[int], connections: List[int], models: List[str]) -> List[Dict[str, Any]]:
-    """Per (model, workers, connections) the round with the highest req/s, and its req/s and
-    p99 over the no-op's row (its best round) at the same workers and connections: the
-    ratios of the table."""
-    table = []
-    for count in workers:
-        for conns in connections:
-            best = {}
-            for model in models:
-                cell = [r for r in runs if r["model"] == model and r["workers"] == count and r["connections"] == conns]
-                best[model] = dict(max(cell, key=lambda r: r["rps"]))
-            noop = best.get("noop")
-            for model in models:
-                row = best[model]
-                row["ratio"] = row["rps"] / noop["rps"] if noop else float("nan")
-                row["p99_ratio"] = row["p99_ms"] / noop["p99_ms"] if noop else float("nan")
-                table.append(row)
+
+def best_rounds(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per cell (model, format, samples per request, workers, threads, connections) the
+    round with the highest req/s, in the order of the runs, with its ratios: samples/s over
+    the in-process row of the same samples and threads (processes = workers, or 1 for one
+    connection) and req/s over the no-op's row of the same format, samples, workers and
+    connections."""
+    best: Dict[tuple, Dict[str, Any]] = {}
+    for run in runs:
+        key = tuple(run[k] for k in CELL)
+        if key not in best or run["rps"] > best[key]["rps"]:
+            best[key] = dict(run)
+    table = list(best.values())
+    for row in table:
+        processes = row["workers"] if row["connections"] > 1 else 1
+        ceiling = best.get(("in-process", "-", row["samples"], processes, row["threads"], row["connections"]))
+        floor = next((r for r in table if r["model"] == "noop" and all(r[k] == row[k] for k in ("format", "samples", "workers", "connections"))), None)
+        row["vs_in_process"] = row["samples_per_s"] / ceiling["samples_per_s"] if ceiling else float("nan")
+        row["p50_over_in_process_ms"] = row["p50_ms"] - ceiling["p50_ms"] if ceiling else float("nan")
+        row["vs_noop"] = row["rps"] / floor["rps"] if floor else float("nan")
     return table
+
+
+def _ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
 
 
 def markdown(table: List[Dict[str, Any]]) -> str:
     lines = [
-        "| handler | workers | connections | req/s | p50 ms | p99 ms | ratio to no-op (req/s, p99) | batch | other load (cores) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| handler | format | samples/request | workers x threads | connections | req/s | samples/s | p50 ms | p99 ms "
+        "| p50 - in-process p50 | samples/s ÷ in-process | req/s ÷ no-op | batch | other load (cores) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in table:
-        ratio = "1" if r["model"] == "noop" else f"{r['ratio']:.2f}x, {r['p99_ratio']:.2f}x"
+        reference = r["model"] in ("in-process", "noop")
+        over = "-" if reference or math.isnan(r["p50_over_in_process_ms"]) else f"{r['p50_over_in_process_ms']:+.2f} ms"
         lines.append(
-            f"| {r['model']} | {r['workers']} | {r['connections']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
-            f"| {ratio} | {'-' if math.isnan(r['batch']) else format(r['batch'], '.1f')} | {r['other_cores']:.2f} |"
+            f"| {r['model']} | {r['format']} | {r['samples']} | {r['workers']} x {r['threads']} | {r['connections']} "
+            f"| {r['rps']:,.0f} | {r['samples_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {over} "
+            f"| {'1' if r['model'] == 'in-process' else '-' if r['model'] == 'noop' else _ratio(r['vs_in_process'])} "
+            f"| {'-' if r['model'] == 'in-process' else '1' if r['model'] == 'noop' else _ratio(r['vs_noop'])} "
+            f"| {'-' if math.isnan(r['batch']) else format(r['batch'], '.1f')} "
+            f"| {'-' if math.isnan(r['other_cores']) else format(r['other_cores'], '.2f')} |"
         )
     return "\n".join(lines)
 
 
+def request_cost_markdown(costs: List[Dict[str, Any]]) -> str:
+    lines = ["| samples/request | format | body bytes | dlrm_request ms (parse_batch + KJT) |", "| ---: | --- | ---: | ---: |"]
+    lines += [f"| {c['samples']} | {c['format']} | {c['bytes']:,} | {c['seconds'] * 1e3:.3f} |" for c in costs]
+    return "\n".join(lines)
+
+
 def plot(table: List[Dict[str, Any]], title: str, path: str) -> None:
+    """samples/s at the most connections and p50 at one connection, against samples per
+    request: the DLRM handler per format and threads, the no-op, the in-process model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_rps, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"noop": "tab:gray", "dlrm": "tab:blue"}
-    styles = {1: "-", 2: "--", 4: ":"}
-    for model in sorted({r["model"] for r in table}, key=MODELS.index):
-        for count in sorted({r["workers"] for r in table}):
-            rows = [r for r in table if r["model"] == model and r["workers"] == count]
-            conns = [r["connections"] for r in rows]
-            label = f"{model}, {count} worker{'s' if count > 1 else ''}"
-            style = styles.get(count, "-.")
-            ax_rps.plot(conns, [r["rps"] for r in rows], "o" + style, color=colors[model], label=label)
-            ax_lat.plot(conns, [r["p99_ms"] for r in rows], "s" + style, color=colors[model], label=f"{label} p99")
-    for ax, ylabel in ((ax_rps, "requests/s"), (ax_lat, "latency (ms)")):
+    fig, (ax_rate, ax_lat) = plt.subplots(1, 2, figsize=(12, 4.6))
+    most = max(r["connections"] for r in table)
+    styles = {"json": "-", "binary": "--", "-": ":"}
+    lines: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in table:
+        lines.setdefault((r["model"], r["format"], r["workers"], r["threads"]), []).append(r)
+    for (model, fmt, workers, threads), rows in lines.items():
+        color = {"in-process": "black", "noop": "tab:gray", "base": "tab:orange"}.get(model, "tab:blue")
+        label = f"{model}{'' if fmt == '-' else ', ' + fmt}, {workers}x{threads}"
+        for ax, connections, key in ((ax_rate, most, "samples_per_s"), (ax_lat, 1, "p50_ms")):
+            points = sorted((r["samples"], r[key]) for r in rows if r["connections"] == connections)
+            if points:
+                ax.plot(*zip(*points), "o" + styles[fmt], color=color, label=label, alpha=0.9)
+    ax_rate.set_title(f"{most} connections (in-process: one process per worker)", fontsize=9)
+    ax_lat.set_title("1 connection: a lone request (in-process: one forward)", fontsize=9)
+    for ax, ylabel in ((ax_rate, "samples/s"), (ax_lat, "p50 latency (ms)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["connections"] for r in table}))
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["samples"] for r in table}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel("connections")
+        ax.set_xlabel("samples per request")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
-    ax_lat.set_yscale("log")
-    ax_lat.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))
-    ax_lat.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax_lat.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    fig.suptitle(title, fontsize=9)
+    ax_lat.legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -353,11 +539,17 @@ def machine() -> str:
 # --- main -----------------------------------------------------------------------------------
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples-per-request", type=int, nargs="+", default=[1], help="samples in each request (default 1)")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                        help="workers per model, each count measured (scaled with the management API)")  # fmt: skip
+    parser.add_argument("--workers", type=int, nargs="+", default=[2],
+                        help="workers per model, each count measured (scaled with the management API; default 2)")  # fmt: skip
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="torch threads per worker, one dlrm_tT model each (default: the YAML's setting)")  # fmt: skip
+    parser.add_argument("--baseline", metavar="DIR", help="also serve dlrm as packaged by this checkout (model 'base')")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process reference")
     parser.add_argument("--duration", type=float, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 3)")
     parser.add_argument("--rounds", type=int, help="sweeps; each cell shows its best round (default 2)")
@@ -365,22 +557,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-rows", type=int, default=100_000, help="cap on each table's rows (default 100,000)")
     parser.add_argument("--full-config", action="store_true", help="serve model_config.json as it is (12 GB, minutes to start)")
     parser.add_argument("--model-yaml", default=os.path.join(REPO, "model-config.yaml"),
-                        help="per-model YAML for both models (default: the shipped model-config.yaml)")  # fmt: skip
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--content-type", default="application/json")
+                        help="per-model YAML for every model (default: the shipped model-config.yaml)")  # fmt: skip
+    parser.add_argument("--no-noop", action="store_true", help="skip the no-op handler")
     parser.add_argument("--ts-property", action="append", default=[], metavar="KEY=VALUE",
                         help="override a line of the shipped config.properties, e.g. metrics_mode=log")  # fmt: skip
     parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment of TorchServe and its workers, e.g. OMP_NUM_THREADS=1")  # fmt: skip
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "bench_serve.png"))
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, .mar files)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     defaults = {"duration": 4.0, "warmup": 2.0, "rounds": 1} if args.quick else {"duration": 10.0, "warmup": 3.0, "rounds": 2}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.models = [m for m in MODELS if m in args.models]
     return args
+
+
+def yaml_threads(model_yaml: str) -> int:
+    """The torch threads a worker serves with under ``model_yaml`` (the handler's rule)."""
+    import yaml  # noqa: PLC0415
+
+    from dlrm_handler import serving_threads  # noqa: PLC0415 - TorchServe's imports, only here
+
+    with open(model_yaml) as f:
+        return serving_threads(yaml.safe_load(f) or {})
+
+
+def model_threads(models: List[str], args: argparse.Namespace) -> Dict[str, int]:
+    """Each model's torch threads per worker (0 for the no-op), read once before the run."""
+    own = yaml_threads(args.model_yaml)
+    return {m: 0 if m == "noop" else int(m[len("dlrm_t"):]) if m.startswith("dlrm_t") else own for m in models}
 
 
 def main() -> None:
@@ -394,16 +600,25 @@ def main() -> None:
     config = served_config(args)
     rows = sum(config["num_embeddings_per_feature"])
     workdir = tempfile.mkdtemp(prefix="bench_serve_")
-    body_file, lua = os.path.join(workdir, "body.json"), os.path.join(workdir, "post.lua")
-    body = request_body(config)
-    with open(body_file, "wb") as f:
-        f.write(body)
+    lua = os.path.join(workdir, "post.lua")
     with open(lua, "w") as f:
         f.write(WRK_LUA)
+    bodies: Dict[Tuple[int, str], Tuple[str, bytes, Optional[int]]] = {}
+    for samples in args.samples_per_request:
+        for fmt, (body, header_length) in request_bodies(config, samples).items():
+            path = os.path.join(workdir, f"body_{samples}.{fmt}")
+            with open(path, "wb") as f:
+                f.write(body)
+            bodies[samples, fmt] = (path, body, header_length)
+    costs = [{"samples": samples, "format": fmt, "bytes": len(body), "seconds": request_path_cost(config, body, header_length)}
+             for (samples, fmt), (_, body, header_length) in bodies.items() if fmt in args.formats]  # fmt: skip
+    print(request_cost_markdown(costs), flush=True)
 
-    print(f"== packaging dlrm ({len(config['num_embeddings_per_feature'])} tables, {rows:,} rows) "
-          f"and noop with {os.path.relpath(args.model_yaml)}", flush=True)  # fmt: skip
-    store = build_mars(workdir, config, args.model_yaml)
+    models = (["noop"] if not args.no_noop else []) + dlrm_models(args)
+    threads_of = model_threads(models, args)
+    print(f"== packaging {', '.join(models)} ({len(config['num_embeddings_per_feature'])} tables, {rows:,} rows) "
+          f"with {os.path.relpath(args.model_yaml)}", flush=True)  # fmt: skip
+    store = build_mars(workdir, config, args)
     properties = read_properties(os.path.join(REPO, "config.properties"), resolve_paths=True)
     properties.update(item.split("=", 1) for item in args.ts_property)
     server = BenchServer(workdir, store, properties=properties, env=extra_env)
@@ -411,12 +626,12 @@ def main() -> None:
     start = time.monotonic()
     try:
         server.wait_for_ping()
-        for model in args.models:
+        for model in models:
             server.register(model)
-        for model in args.models:
+        for model in models:
             server.wait_for_model(model, READY_TIMEOUT_S["full" if args.full_config else "capped"])
             described = server.describe(model)
-            status, answer = http_request("POST", f"{server.inference}/predictions/{model}", body, args.content_type)
+            status, answer = http_request("POST", f"{server.inference}/predictions/{model}", bodies[args.samples_per_request[0], "json"][1])
             if status != 200:
                 raise RuntimeError(f"{model} answered {status}: {answer.decode(errors='replace')}")
             print(f"== {model}: ready after {time.monotonic() - start:.0f} s, batchSize "
@@ -424,16 +639,28 @@ def main() -> None:
                   f"answer {answer.decode(errors='replace')[:80]!r}", flush=True)  # fmt: skip
         for round_ in range(args.rounds):
             for workers in args.workers:
-                scale(server, args.models, workers)
-                for connections in args.connections:
-                    for model in args.models:
-                        r = measure(server, model, workers, connections, args, lua, body_file)
-                        r["round"] = round_
-                        runs.append(r)
-                        print(f"  round {round_ + 1}/{args.rounds}  {model:4s} x{workers} {connections:3d} conn: "
-                              f"{r['rps']:7,.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-                              f"batch {r['batch']:4.1f}  server {r['server_cores']:.2f} cores  "
-                              f"other {r['other_cores']:.2f} cores", flush=True)  # fmt: skip
+                scale(server, models, workers)
+                for samples in args.samples_per_request:
+                    cell = {"samples": samples, "workers": workers, "round": round_}
+                    for threads in [] if args.no_in_process else sorted({threads_of[m] for m in models if m != "noop"}):
+                        for processes in sorted({workers if c > 1 else 1 for c in args.connections}):
+                            r = in_process(config, bodies[samples, "json"][1], None, samples, processes, threads, args.duration)
+                            for connections in (c for c in args.connections if (workers if c > 1 else 1) == processes):
+                                runs.append({**r, **cell, "format": "-", "workers": processes, "threads": threads, "connections": connections})
+                            print(f"  round {round_ + 1}/{args.rounds}  in-process {processes}x{threads} {samples:4d} samples: "
+                                  f"{r['samples_per_s']:9,.0f} samples/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms", flush=True)  # fmt: skip
+                    for fmt in args.formats:
+                        path, _, header_length = bodies[samples, fmt]
+                        for connections in args.connections:
+                            for model in (m for m in models if not (m == "base" and fmt == "binary")):  # before binary
+                                r = measure(server, model, connections, args, lua, path, fmt, header_length)
+                                r.update(cell, threads=threads_of[model],
+                                         samples_per_s=r["rps"] * samples)  # fmt: skip
+                                runs.append(r)
+                                print(f"  round {round_ + 1}/{args.rounds}  {model:8s} {fmt:6s} x{workers} {samples:4d} samples "
+                                      f"{connections:3d} conn: {r['rps']:7,.0f} req/s {r['samples_per_s']:9,.0f} samples/s  "
+                                      f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  batch {r['batch']:4.1f}  "
+                                      f"server {r['server_cores']:.2f} cores  other {r['other_cores']:.2f} cores", flush=True)  # fmt: skip
     except (RuntimeError, KeyboardInterrupt) as error:
         sys.exit(f"{error}\n{server.log_tail()}")
     finally:
@@ -443,22 +670,24 @@ def main() -> None:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    table = best_rounds(runs, args.workers, args.connections, args.models)
+    table = best_rounds(runs)
     what = "full model_config.json" if args.full_config else f"default architecture, tables capped at {args.max_rows:,} rows"
-    yaml_name = os.path.relpath(args.model_yaml, REPO)
-    title = (f"TorchServe 0.12, {'/'.join(map(str, args.workers))} worker(s) per model, {yaml_name} (batchSize {described.get('batchSize')}, "
+    title = (f"TorchServe 0.12, {os.path.relpath(args.model_yaml, REPO)} (batchSize {described.get('batchSize')}, "
              f"maxBatchDelay {described.get('maxBatchDelay')} ms); dlrm: {what}\n"
-             f"one-sample {args.content_type} requests, wrk, {args.duration:g} s per run, best of "
-             f"{args.rounds} round(s); {machine()}")  # fmt: skip
+             f"wrk, {args.duration:g} s per run, best of {args.rounds} round(s); {machine()}")  # fmt: skip
     print()
     print(title)
     print()
     print(markdown(table))
-    print(f"\nother load: mean {statistics.mean(r['other_cores'] for r in runs):.2f} cores busy outside "
-          f"this benchmark during the runs (max {max(r['other_cores'] for r in runs):.2f})")  # fmt: skip
+    print()
+    print(request_cost_markdown(costs))
+    measured = [r["other_cores"] for r in runs if not math.isnan(r["other_cores"])]
+    if measured:
+        print(f"\nother load: mean {statistics.mean(measured):.2f} cores busy outside this benchmark during the "
+              f"runs (max {max(measured):.2f})")  # fmt: skip
     plot(table, title, args.out)
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"title": title, "args": vars(args), "runs": runs, "table": table}, f, indent=2)
+        json.dump({"title": title, "args": vars(args), "runs": runs, "table": table, "request_cost": costs}, f, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -6,7 +6,9 @@
 ``start`` packages ``dlrm.mar`` with create_dlrm_mar.sh, starts TorchServe on 127.0.0.1
 (ports from config.properties) in its own process group, waits - showing progress - until
 the model has a READY worker, POSTs sample_data.json and prints the answer and the seconds
-from start to first answer. The server keeps running for your own curls; its pid, logs and
+from start to first answer. Workers: TorchServe's default, from the devices (neither
+config.properties nor model-config.yaml sets a count): one per GPU, each on its own GPU, or
+one per CPU core; ``start`` says how many it started. The server keeps running for your own curls; its pid, logs and
 temp files (TMPDIR/TEMP: not shared with any other TorchServe) live in .demo/.
 
 ``stop`` stops that server only: the process group of the pid in .demo/torchserve.pid.
@@ -72,6 +74,15 @@ def tables_line() -> str:
     return lines[-1].split("MODEL_LOG - ", 1)[-1].strip() if lines else "no table store"
 
 
+def workers_line(server: TorchServe) -> str:
+    """How many workers TorchServe started for the model, and on what."""
+    workers = server.workers(MODEL_NAME)
+    on_gpu = sum(bool(w.get("gpu")) for w in workers)
+    devices = f"each on its own GPU ({on_gpu} GPU workers)" if on_gpu else f"on the CPU ({os.cpu_count()} cores)"
+    return (f"TorchServe started {len(workers)} worker(s), {devices}: its default from the devices "
+            "(one per GPU, else one per CPU core); set minWorkers/maxWorkers in model-config.yaml to choose")
+
+
 def show_progress(server: TorchServe) -> Callable[[float], None]:
     """What the server is doing while the model loads, every PROGRESS_SECONDS."""
 
@@ -116,6 +127,7 @@ def start(config: str, timeout: float) -> None:
     except TorchServeError as error:
         sys.exit(f"{error}\n(logs in {LOG_DIR}; stop the server with `make stop`)")
     print(f"  model ready after {time.monotonic() - started:.0f} s ({tables_line()})")
+    print(f"  {workers_line(server)}")
 
     print("== curl -H 'Content-Type: application/json' --data @sample_data.json "
           f"{inference}/predictions/{MODEL_NAME}")  # fmt: skip

@@ -146,7 +146,9 @@ class TorchServe:
     on 127.0.0.1, whatever they said. ``env`` is added to the environment of the server and
     its workers. ``models``: ``--models`` entries loaded at start (``"dlrm=dlrm.mar"``).
     Files: ``workdir/config.properties``, ``workdir/tmp`` (TMPDIR, TEMP), ``log_dir``
-    (default ``workdir/logs``)."""
+    (default ``workdir/logs``). ``launcher``: a command the server is started under, which
+    must ``exec`` its arguments (so the pid and process group stay the server's): e.g.
+    ``read_only_launcher(store)``, to serve a table store from a read-only mount."""
 
     DEFAULT_PROPERTIES = {
         "disable_token_authorization": "true",
@@ -164,6 +166,7 @@ class TorchServe:
         models: Sequence[str] = (),
         private_ports: bool = True,
         log_dir: Optional[str] = None,
+        launcher: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.log_dir = log_dir or os.path.join(workdir, "logs")
@@ -184,7 +187,7 @@ class TorchServe:
                       "TMPDIR": tmp, "TEMP": tmp, **(env or {})}  # fmt: skip
         server_env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
         self.command = [
-            TORCHSERVE, "--start", "--foreground", "--ncs",
+            *launcher, TORCHSERVE, "--start", "--foreground", "--ncs",
             "--model-store", model_store,
             *(["--models", *models] if models else []),
             "--ts-config", config_file,
@@ -311,6 +314,14 @@ class TorchServe:
             except OSError:
                 pass
         return "\n".join(tails)
+
+
+def read_only_launcher(path: str) -> List[str]:
+    """A ``launcher`` that serves with ``path`` bind-mounted read-only (as KServe mounts a
+    volume): in a user and mount namespace of its own (``unshare -rm``), so no privilege is
+    needed and nothing else on the machine sees the mount."""
+    remount = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+    return ["unshare", "-rm", "sh", "-c", remount, path]
 
 
 def private_addresses() -> Dict[str, str]:

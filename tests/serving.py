@@ -73,16 +73,18 @@ def random_samples(rng: random.Random, count: int, table_sizes: List[int], max_l
 # --- the server ---------------------------------------------------------------------------
 
 
-def build_mar(config: Dict[str, Any], workdir: str, model_name: str = "dlrm", store: Optional[str] = None) -> str:
-    """``create_dlrm_mar.sh --config <config as JSON> --export-path store`` (default
-    ``workdir/model_store``) -> the .mar's path."""
+def build_mar(
+    config: Dict[str, Any], workdir: str, model_name: str = "dlrm", store: Optional[str] = None, version: str = "1.0"
+) -> str:
+    """``create_dlrm_mar.sh --config <config as JSON> --export-path store --version version``
+    (default ``workdir/model_store``, 1.0) -> the .mar's path."""
     store = store or os.path.join(workdir, "model_store")
-    config_path = os.path.join(workdir, f"{model_name}_config.json")
+    config_path = os.path.join(workdir, f"{model_name}_{version}_config.json")
     with open(config_path, "w") as f:
         json.dump(config, f)
     subprocess.run(
         [os.path.join(REPO, "create_dlrm_mar.sh"), "--config", config_path,
-         "--export-path", store, "--model-name", model_name],
+         "--export-path", store, "--model-name", model_name, "--version", version],
         check=True,
         timeout=300,
     )  # fmt: skip

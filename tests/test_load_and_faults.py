@@ -125,7 +125,7 @@ def test_killed_worker_costs_only_its_batch_and_comes_back_with_identical_answer
 ) -> None:
     server, model = torchserve, "dlrm_fault"
     url = f"{server.inference}/predictions/{model}"
-    # One worker (model-config.yaml ships 2): its batch is the one lost, its restart the wait.
+    # One worker (whatever the server started): its batch is the one lost, its restart the wait.
     status, body = http_request("PUT", f"{server.management}/models/{model}?min_worker=1&max_worker=1")
     assert status in (200, 202), body
     server.wait_until("one worker", lambda: len(server.workers(model)) == 1, READY_TIMEOUT_S)

@@ -44,6 +44,7 @@ def test_mar_holds_handler_factory_config_and_yaml_and_nothing_else(default_mar:
     with zipfile.ZipFile(default_mar) as mar:
         assert sorted(mar.namelist()) == [
             "MAR-INF/MANIFEST.json",
+            "dlrm_checkpoint.py",
             "dlrm_factory.py",
             "dlrm_handler.py",
             "dlrm_lean_forward.py",

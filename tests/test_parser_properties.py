@@ -2,6 +2,10 @@
 value, its JSON text, any string or byte string - the answer is either a valid sample batch,
 consistent with the config, or the InvalidInput ``ValueError`` (400, or 413 for too many
 samples) whose message starts with the field it is about. Never another exception.
+The same for the binary parser (SPEC §8, ``parse_binary_request``): any mutation of a
+binary body (bytes spliced in, cut out or flipped, another header length, a header field
+replaced by any JSON value), and any arrays sent as binary get exactly what the same arrays
+get as JSON (the same tensors, or the same error message).
 
 Deterministic and bounded for CI (``PROPERTY_SETTINGS``: the same 300 examples every run).
 
@@ -12,15 +16,32 @@ samples, N = 13 dense features, F = 3 sparse features (tables of 10, 20 and 5 ro
 import json
 import math
 import re
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dlrm_request import REQUEST_KEYS, parse_request
-from request_strategies import CONFIGS, PROPERTY_SETTINGS, TABLE_SIZES, F, N, json_values, near_valid_requests
+from dlrm_request import (
+    BINARY_HEADER,
+    REQUEST_KEYS,
+    binary_request_body,
+    parse_batch,
+    parse_binary_request,
+    parse_request,
+)
+from request_strategies import (
+    CONFIGS,
+    MAX_SAMPLES,
+    PROPERTY_SETTINGS,
+    TABLE_SIZES,
+    F,
+    N,
+    json_values,
+    near_valid_requests,
+)
 
 # What an error message starts with: a request key or "request body", then an optional
 # index ([i] or [b][i]), then ":".
@@ -206,3 +227,151 @@ def test_dense_beyond_float32_is_a_400_naming_the_field(number: str) -> None:
     body += '"id_list_features.values": []}'
     with pytest.raises(ValueError, match=r"^float_features\[1\]: got the float .*; expected a finite number within float32"):
         parse_request(body.encode(), CONFIGS["error"])
+
+
+# --- the binary parser (SPEC §8): the same contract for tensors -------------------------------
+
+# What a binary error message starts with: a request key (with an index), "request body",
+# the header, "inputs", "outputs" or "parameters".
+BINARY_FIELD = re.compile(
+    r"^(?:" + "|".join(map(re.escape, REQUEST_KEYS + ("request body", BINARY_HEADER, "inputs", "outputs", "parameters")))
+    + r")(?:\[\d+\]){0,2}: "
+)  # fmt: skip
+
+
+def check_binary(body: bytes, header_length: Any, cfg: Dict[str, Any]) -> Optional[tuple]:
+    """``parse_binary_request``: a batch consistent with ``cfg`` (as ``check`` asks of
+    ``parse_request``), or the InvalidInput ValueError naming its field (None)."""
+    try:
+        dense, lengths, values, one_sample, answer = parse_binary_request(body, header_length, cfg)
+    except ValueError as error:
+        status = getattr(error, "http_status", None)
+        assert status in (400, 413), f"{error!r} carries http_status {status}"
+        assert BINARY_FIELD.match(str(error)), f"message does not start with a field: {error}"
+        assert "expected" in str(error)
+        return None
+    assert one_sample is False and set(answer) == {"id", "outputs"}
+    num_samples = dense.shape[0]
+    assert 1 <= num_samples <= cfg["max_samples_per_request"] and dense.shape == (num_samples, N)
+    assert dense.dtype == np.float32 and bool(np.isfinite(dense).all())
+    assert lengths.shape == (num_samples, F) and lengths.dtype == np.int64 and bool((lengths >= 0).all())
+    assert values.dtype == np.int64 and values.shape == (int(lengths.sum()),) and bool((values >= 0).all())
+    if cfg["id_overflow"] == "error":
+        feature = np.repeat(np.tile(np.arange(F), num_samples), lengths.reshape(-1))
+        assert bool((values < np.asarray(TABLE_SIZES)[feature]).all())
+    return dense, lengths, values
+
+
+@st.composite
+def tensor_requests(draw: st.DrawFn) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Arrays of a request with any values (NaN, infinities, negative or huge lengths and ids):
+    dense float32 [B, N], lengths int64 [B, F], values int64 [L], L near the lengths' sum."""
+    num_samples = draw(st.integers(min_value=1, max_value=MAX_SAMPLES + 1))
+    dense = draw(st.lists(st.floats(width=32) | st.sampled_from([0.5, -1.0]), min_size=num_samples * N,
+                          max_size=num_samples * N))  # fmt: skip
+    small = st.integers(min_value=0, max_value=3)
+    lengths = draw(st.lists(small | st.integers(-(2**63), 2**63 - 1), min_size=num_samples * F, max_size=num_samples * F))
+    total = sum(max(0, n) for n in lengths) if max(lengths) < 64 else 4
+    count = draw(st.sampled_from([total, total, max(0, total - 1), total + 1]))
+    values = draw(st.lists(st.integers(0, 21) | st.integers(-(2**63), 2**63 - 1), min_size=count, max_size=count))
+    return (np.asarray(dense, dtype=np.float32).reshape(num_samples, N), np.asarray(lengths, dtype=np.int64).reshape(num_samples, F),
+            np.asarray(values, dtype=np.int64))  # fmt: skip
+
+
+@PROPERTY_SETTINGS
+@given(arrays=tensor_requests(), policy=st.sampled_from(list(CONFIGS)), int32=st.booleans())
+def test_binary_request_gets_what_its_json_twin_gets(arrays: Tuple[np.ndarray, ...], policy: str, int32: bool) -> None:
+    """The same arrays sent as binary and as a JSON object (TorchServe's parsed dict, NaN
+    allowed) give the same tensors, or errors with the same message and status."""
+    cfg = CONFIGS[policy]
+    dense, lengths, values = arrays
+    if int32 and lengths.size and values.size and max(abs(lengths).max(), abs(values).max()) < 2**31:
+        lengths, values = lengths.astype(np.int32), values.astype(np.int32)
+    as_json = {"float_features": dense.tolist(), "id_list_features.lengths": lengths.reshape(-1).tolist(),
+               "id_list_features.values": values.tolist()}  # fmt: skip
+    body, header_length = binary_request_body(dense, lengths, values)
+    try:
+        expected = parse_request(as_json, cfg)
+    except ValueError as error:
+        with pytest.raises(ValueError) as binary_error:
+            parse_binary_request(body, header_length, cfg)
+        assert (str(binary_error.value), binary_error.value.http_status) == (str(error), error.http_status)
+        return
+    plan, *tensors = parse_batch([(body, str(header_length))], cfg)
+    assert plan[0][0] == expected[0].shape[0]
+    for got, want in zip(tensors, expected[:3]):
+        assert torch.equal(got, want)
+
+
+def binary_body_of(request: Dict[str, Any]) -> Tuple[bytes, int]:
+    """A near-valid JSON request as a binary body: its tensors when parse_request takes it,
+    else arrays of whatever numbers it holds (a body still worth mutating)."""
+    try:
+        dense, lengths, values, _ = parse_request(request, CONFIGS["hash"])
+        return binary_request_body(dense, lengths, values)
+    except ValueError:
+        return binary_request_body(np.zeros((1, N)), np.ones((1, F), dtype=np.int64), [1, 2, 3])
+
+
+@PROPERTY_SETTINGS
+@given(
+    request=near_valid_requests(junk=False),
+    policy=st.sampled_from(list(CONFIGS)),
+    mutation=st.one_of(
+        # bytes spliced in, or cut out, anywhere
+        st.tuples(st.just("splice"), st.integers(min_value=0), st.binary(min_size=1, max_size=8)),
+        st.tuples(st.just("cut"), st.integers(min_value=0), st.integers(min_value=1, max_value=16)),
+        # a byte flipped in the header or the data
+        st.tuples(st.just("flip"), st.integers(min_value=0), st.integers(min_value=1, max_value=255)),
+        # another Inference-Header-Content-Length
+        st.tuples(st.just("length"), st.integers(min_value=-3, max_value=3), st.sampled_from(["", " ", "x", "+", "-"])),
+        # a field of the JSON header replaced by any JSON value
+        st.tuples(st.just("field"), st.sampled_from(["name", "datatype", "shape", "parameters", "binary_data_size",
+                                                      "inputs", "outputs", "id"]), json_values),
+    ),
+)  # fmt: skip
+def test_any_mutated_binary_body_is_a_batch_or_invalid_input(request: Dict[str, Any], policy: str, mutation: tuple) -> None:
+    body, header_length = binary_body_of(request)
+    kind, a, b = mutation
+    length: Any = header_length
+    if kind == "splice":
+        at = a % (len(body) + 1)
+        body = body[:at] + b + body[at:]
+    elif kind == "cut":
+        at = a % len(body)
+        body = body[:at] + body[at + b:]
+    elif kind == "flip":
+        at = a % len(body)
+        body = body[:at] + bytes([body[at] ^ b]) + body[at + 1:]
+    elif kind == "length":
+        length = f"{b}{header_length + a}"
+    else:
+        header = json.loads(body[:header_length])
+        target = header if a in ("inputs", "outputs", "id") else header["inputs"][len(a) % 3]
+        if a == "binary_data_size":
+            target["parameters"][a] = b
+        else:
+            target[a] = b
+        text = json.dumps(header).encode()
+        body, length = text + body[header_length:], len(text)
+    check_binary(body, length, CONFIGS[policy])
+    check_binary(bytearray(body), length, CONFIGS[policy])
+
+
+def test_tensor_strategy_reaches_valid_batches_and_every_field_error() -> None:
+    """The arrays strategy is not vacuous: its fixed draw holds valid batches, 413s and an
+    error for each tensor."""
+    outcomes = set()
+
+    @PROPERTY_SETTINGS
+    @given(arrays=tensor_requests())
+    def collect(arrays: Tuple[np.ndarray, ...]) -> None:
+        body, header_length = binary_request_body(*arrays)
+        try:
+            parse_binary_request(body, header_length, CONFIGS["error"])
+            outcomes.add("valid")
+        except ValueError as error:
+            outcomes.add(413 if error.http_status == 413 else re.match(r"[^\[:]+", str(error)).group())
+
+    collect()
+    assert {"valid", 413, *REQUEST_KEYS} <= outcomes, outcomes
