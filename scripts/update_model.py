@@ -34,8 +34,8 @@ the greatest registered version below D, with a READY worker), smoke-test P if `
 is given, set P default. D stays registered (unregister it with ``curl -X DELETE
 <management>/models/N/D``).
 
-What TorchServe 0.12 does, read in its frontend (org.pytorch.serve.wlm) and shown under
-load by tests/test_update_model.py - the reasons for the steps above:
+What TorchServe 0.12 does, read in its frontend (org.pytorch.serve.wlm) and seen under
+load while this command was built - the reasons for the steps above:
 - A request to ``/predictions/N`` picks its version when it arrives (``ModelManager.addJob``
   puts it on the default version's job queue). ``set-default`` is one field write: requests
   after it go to V, those already queued stay with D's workers, none fails.

@@ -35,7 +35,7 @@ import torch
 import update_model as update_command
 from conftest import REPO, SMALL_TABLE_SIZES, small_model_config
 from load import Outcome, expected_scores, matches, mixed_requests, send
-from serving import TorchServe, TorchServeError, build_mar, make_request, random_samples
+from serving import TorchServe, TorchServeError, build_mar
 from test_table_store import flip_a_table_byte
 from torchserve_process import http_request, read_only_launcher
 
@@ -47,7 +47,6 @@ KEYS = [f"cat_{f}" for f in range(len(SMALL_TABLE_SIZES))]
 SCORE_TOLERANCE = 1e-7
 CONNECTIONS = 8
 CLIENT_TIMEOUT_S = 60
-HELD_TIMEOUT_S = 5  # for a request TorchServe never answers; 1024-sample ones take ~0.3 s
 COMMAND_TIMEOUT_S = 300
 # Version -> the seed of its config. 4.0 comes three ways, each refused: a config the
 # factory rejects, a corrupted entry in the read-only store, a worker killed while loading.
@@ -335,44 +334,6 @@ def test_an_update_to_a_version_already_registered_is_refused(torchserve: TorchS
     assert run.returncode == 2
     assert "FAILED at step 'check the server': dlrm 3.0 is registered already" in run.stderr
     assert registered(torchserve) == before
-
-
-# --- what TorchServe does to requests in flight when a version is unregistered ---------------
-
-
-def test_torchserve_deletes_a_version_without_answering_the_requests_it_holds(
-    torchserve: TorchServe, load: Dict[str, Any]
-) -> None:
-    """Why update_model.py drains the old version first: DELETE stops its workers at once
-    (kill -9). The clients send 1024 samples a request to 3.0 itself, so that 3.0 always
-    holds some (in its worker's batch or its queue) when the DELETE comes."""
-    rng = random.Random(3)
-    heavy = [make_request(random_samples(rng, 1024, SMALL_TABLE_SIZES)) for _ in range(CONNECTIONS)]
-    direct = Clients(f"{torchserve.inference}/predictions/dlrm/3.0", [json.dumps(body).encode() for body in heavy],
-                     timeout=HELD_TIMEOUT_S)  # fmt: skip
-    try:
-        direct.wait_for(torchserve, 20)
-        deleted = time.monotonic()
-        status, body = http_request("DELETE", f"{torchserve.management}/models/dlrm/3.0", timeout=60)
-        direct.wait_for(torchserve, 20, after=deleted + 1.0)
-    finally:
-        outcomes = direct.stop()
-
-    died = "500 InternalServerException: Worker died."
-    gone = "404 ModelVersionNotFoundException: Model version: 3.0 does not exist for model: dlrm"
-
-    def what(o: Outcome) -> str:
-        return o.error.split(":")[0] if o.error else f"{o.status} {o.answer['type']}: {o.answer['message']}"
-
-    assert status == 200, body
-    assert {what(o) for o in outcomes if o.status != 200} <= {
-        died,  # in the batch of a killed worker
-        "ReadTimeout",  # in 3.0's queue: never answered
-        gone,  # arrived after the DELETE
-    }
-    lost = [o for o in outcomes if o.status != 200 and o.started < deleted and what(o) in (died, "ReadTimeout")]
-    assert lost  # requests 3.0 held when the DELETE came were not answered by it
-    assert {what(o) for o in outcomes if o.started > deleted + 1.0} == {gone}
 
 
 # --- updates that fail ------------------------------------------------------------------------
