@@ -940,6 +940,8 @@ def tables_from_store(
     table_store.apply_row_order(entry, created)
     if on_cpu:  # a batch's missing pages read from several threads at once, before its lookup
         model.page_prefetchers = table_store.prefetch_before_lookups(created, entry)
+        if cfg["id_counts"] and table_store.PIN_BYTES:  # the hottest rows locked in memory
+            model.pinned_rows = pin_hottest_rows(entry, cfg)
     if state is not None:
         copy_dense_weights(model, state)
     model.table_store_entry = {"path": entry.path, "built": entry.built}
@@ -990,6 +992,16 @@ def write_ordered_tables(buffers: List[torch.Tensor], layouts: List[Dict[str, An
                     write_tables([(table["name"], start, stage[:, sb:], stage[:, :sb] if sb else None)], cfg, state)
                     target.index_copy_(0, order[start : start + stage.shape[0]].to(torch.int64), stage)
                     bar.update(stage.numel())
+
+
+def pin_hottest_rows(entry: table_store.Entry, cfg: Dict[str, Any]) -> Any:
+    """``table_store.PIN_BYTES`` of an ordered entry locked in memory
+    (``table_store.pin_leading_rows``): its maps, then its hottest rows, chosen by the
+    config's id counts over all tables: the head of the Zipf law kept whatever else the page
+    cache must hold."""
+    tables = [(t["name"][len(TABLE_PREFIX) :], t["row_bytes"]) for layout in entry.layouts for t in layout["tables"]]
+    rows = row_order.hottest_rows(cfg["id_counts"], tables, table_store.PIN_BYTES - table_store.map_bytes(entry))
+    return table_store.pin_leading_rows(entry, {TABLE_PREFIX + feature: n for feature, n in rows.items()})
 
 
 def row_bytes(cfg: Dict[str, Any], compute_device: str) -> int:

@@ -191,6 +191,30 @@ def row_order(rows: int, counts: TableCounts) -> np.ndarray:
     return order
 
 
+def hottest_rows(path: str, tables: Sequence[Tuple[str, int]], budget_bytes: int, page: int = 4096) -> Dict[str, int]:
+    """How many leading rows of each table of an entry ordered by the id counts at ``path`` to
+    keep in memory for ``budget_bytes``: the pages with the most counted lookups over all
+    ``tables`` ((feature, row bytes) each), as an ideal cache would keep them. In an ordered
+    table a page's lookups only fall from its first page on (rows by count descending), so
+    each table's share is a prefix: {feature: rows}. Reads one table's counts at a time."""
+    heats, owners = [], []
+    with safe_open(path, framework="np") as f:
+        names = set(f.keys())
+        seen_of = {feature: f.get_slice(f"{feature}.counts") for feature, _ in tables if f"{feature}.counts" in names}
+        for t, (feature, row_bytes) in enumerate(tables):
+            seen = np.sort(seen_of[feature][:])[::-1] if feature in seen_of else np.zeros(0, np.int64)
+            per_page = max(1, page // row_bytes)
+            if seen.size:
+                heats.append(np.add.reduceat(seen, np.arange(0, seen.size, per_page)))
+                owners.append(np.full(heats[-1].size, t))
+    if not heats or budget_bytes < page:
+        return {feature: 0 for feature, _ in tables}
+    heat, owner = np.concatenate(heats), np.concatenate(owners)
+    chosen = owner[np.argsort(-heat, kind="stable")[: budget_bytes // page]]
+    pages = np.bincount(chosen, minlength=len(tables))
+    return {feature: int(pages[t]) * max(1, page // row_bytes) for t, (feature, row_bytes) in enumerate(tables)}
+
+
 # ---------------------------------------------------------------------------------------
 # Counting ids: training batches, served batches.
 # ---------------------------------------------------------------------------------------

@@ -693,6 +693,61 @@ def apply_row_order(entry: Entry, tbes: List[IntNBitTableBatchedEmbeddingBagsCod
 
 
 # ---------------------------------------------------------------------------------------
+# A pinned hot tier: the hottest rows of an ordered entry locked in memory.
+# ---------------------------------------------------------------------------------------
+
+# Bytes of an ordered entry each serving process keeps locked in memory (``mlock``: the page
+# cache cannot evict them): its maps, then its hottest rows; "0": none. A host's setting, not a model's:
+# leave the rest of RAM to the kernel's page cache (and the workers' own memory).
+PIN_BYTES = int(float(os.environ.get("DLRM_STORE_PIN_MB", 0)) * 1e6)
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def map_bytes(entry: Entry) -> int:
+    """Bytes of an ordered entry's id -> row maps (0 for an unordered one)."""
+    return sum(4 * layout.get("map_rows", 0) for layout in entry.layouts)
+
+
+def pin_leading_rows(entry: Entry, rows: Dict[str, int]) -> Optional[mmap.mmap]:
+    """Lock an ordered entry's maps and the first ``rows[table]`` rows of each of its tables
+    in memory. The maps first: hashed ids look up every page of them, so an LRU keeps them
+    anyway; pinned, they cannot be evicted by a burst of cold rows. The file's
+    pages, read in large sequential reads (``POSIX_FADV_WILLNEED``: the lookups' mapping reads
+    a page at a time) and ``mlock``ed through a read-only shared mapping of the file (the page
+    cache's pages themselves: N workers pin one copy). The mapping, kept alive by the caller
+    (unmapping unlocks), or None when nothing was asked or the kernel refused (``ulimit -l``,
+    a memory limit): then the rows stay in the page cache's LRU, as without pinning."""
+    names = [name for name, _, _ in entry_tensors(entry.layouts)]
+    starts = {name: first for name, (first, _) in tensor_file_offsets(entry.path, names).items()}
+    ranges = [(starts[f"tbe{k}"] + t["offset"], min(rows.get(t["name"], 0), t["rows"]) * t["row_bytes"])
+              for k, layout in enumerate(entry.layouts) for t in layout["tables"]]  # fmt: skip
+    ranges += [(first, end - first) for name, (first, end) in tensor_file_offsets(entry.path, names).items()
+               if name.startswith("map")]  # fmt: skip
+    ranges = [(first, length) for first, length in ranges if length > 0]
+    if not ranges:
+        return None
+    started = time.perf_counter()
+    with open(entry.path, "rb") as f:
+        for first, length in ranges:
+            os.posix_fadvise(f.fileno(), first, length, os.POSIX_FADV_WILLNEED)
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    base = np.frombuffer(mapped, dtype=np.uint8).ctypes.data
+    page = mmap.PAGESIZE
+    for first, length in ranges:
+        start = first // page * page
+        if _libc.mlock(base + start, first + length - start) != 0:
+            error = os.strerror(ctypes.get_errno())
+            mapped.close()
+            logger.warning("table store: could not pin %.2f GB of %s's hottest rows (mlock: %s; raise `ulimit -l`, "
+                           "or lower DLRM_STORE_PIN_MB); they stay in the page cache unpinned",
+                           sum(n for _, n in ranges) / 1e9, entry.path, error)  # fmt: skip
+            return None
+    logger.info("table store: pinned the maps and hottest rows of %s, %.2f GB in %d ranges, in %.1f s", entry.path,
+                sum(n for _, n in ranges) / 1e9, len(ranges), time.perf_counter() - started)  # fmt: skip
+    return mapped
+
+
+# ---------------------------------------------------------------------------------------
 # Overlapped reads: a batch's missing pages read concurrently, before its lookup.
 # ---------------------------------------------------------------------------------------
 

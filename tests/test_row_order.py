@@ -212,6 +212,30 @@ def test_the_prefetch_stands_down_when_no_lookup_reads_from_disk(tmp_path: Any) 
     assert 0 < prefetcher.stats["prefetched"] < 300  # on at the start, off once no batch reads from disk
 
 
+def test_the_hottest_pages_over_all_tables_are_pinned_and_scores_do_not_change(tmp_path: Any, monkeypatch: Any) -> None:
+    """DLRM_STORE_PIN_MB: the ordered entry's maps and hottest rows, chosen over all tables
+    by their counted lookups, locked in memory (the file's pages: VmLck, no private copy)."""
+    config = small_model_config(num_embeddings_per_feature=[200_000, 100_000, 50_000], table_store=str(tmp_path / "store"))
+    config["id_counts"] = write_counts(str(tmp_path / "counts.safetensors"), config, ids_per_table=5000)
+    expected = scores_of(DLRMFactory(config), config)
+    maps = 4 * sum(config["num_embeddings_per_feature"])
+    monkeypatch.setattr("dlrm_table_store.PIN_BYTES", maps + 64 * 4096)
+    locked_before = vm_locked_kib()
+
+    pinned = DLRMFactory(config)
+
+    assert scores_of(pinned, config) == expected
+    assert vm_locked_kib() - locked_before >= (maps + 64 * 4096) // 1024  # the maps and 64 pages of rows (a few more at range edges)
+    assert smaps_of(os.getpid(), pinned.table_store_entry["path"])["Anonymous"] == 0
+    hottest = dlrm_row_order.hottest_rows(config["id_counts"], [("cat_0", 20), ("cat_1", 20), ("cat_2", 20)], 64 * 4096)
+    assert sum(hottest.values()) == 64 * (4096 // 20) and all(rows > 0 for rows in hottest.values())
+
+
+def vm_locked_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmLck:"))
+
+
 # --- file pages, not private copies --------------------------------------------------------------
 
 
