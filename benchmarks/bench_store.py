@@ -6,6 +6,7 @@ next to the same workload with the entry resident.
     .venv/bin/python benchmarks/bench_store.py --alpha 0.9        # flatter ids
     .venv/bin/python benchmarks/bench_store.py --drift 0.2        # 20 % of the ranks changed ids since counted
     .venv/bin/python benchmarks/bench_store.py --order none       # the unordered entry, as before
+    .venv/bin/python benchmarks/bench_store.py --pin-mb 3200      # a pinned hot tier of 3.2 GB
     .venv/bin/python benchmarks/bench_store.py sizing --alpha 1.05  # RAM for a hit rate (no run)
     .venv/bin/python benchmarks/bench_store.py verify             # the background check's window
     .venv/bin/python benchmarks/bench_store.py --quick            # small tables, ~1 min
@@ -25,7 +26,8 @@ What runs:
      ``--memory-limit`` (RAM smaller than the entry: the kernel must evict table pages to
      bring others in). Without a writable memory cgroup the cap is skipped and said so.
    ``--prefetch`` on (the store's default): a batch's missing pages are asked for together
-   before its lookup. The batches are an endless stream (never one twice: a repeated set
+   before its lookup. ``--pin-mb`` (``DLRM_STORE_PIN_MB``): the ordered entry's maps and
+   hottest rows locked in memory, in both runs. The batches are an endless stream (never one twice: a repeated set
    would end its misses after one pass), drawn in chunks outside the timed model calls.
    Every second: samples/s over the time spent in model calls, p99 of the batches'
    latency, the entry's resident fraction (``mincore``: pages in the page cache / pages of
@@ -205,7 +207,7 @@ def run_workload(args: argparse.Namespace) -> None:
     prefetchers = getattr(model, "page_prefetchers", [])
     print(json.dumps({"event": "mapped", "seconds": time.perf_counter() - started, "path": path,
                       "built": model.table_store_entry["built"], "resident": resident_fraction(path),
-                      "prefetch": bool(prefetchers)}), flush=True)  # fmt: skip
+                      "prefetch": bool(prefetchers), "pinned": getattr(model, "pinned_rows", None) is not None}), flush=True)  # fmt: skip
     keys = cfg["id_list_features_keys"]
     lengths = torch.ones(len(keys) * args.batch, dtype=torch.int64)
     rng = np.random.default_rng(0)  # the same endless stream in every run: no batch comes twice
@@ -250,7 +252,7 @@ def run_child(args: argparse.Namespace, config: Dict[str, Any], cgroup_procs: Op
             with open(cgroup_procs, "w") as f:
                 f.write(str(os.getpid()))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLRM_STORE_PREFETCH": "1" if prefetch else "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLRM_STORE_PREFETCH": "1" if prefetch else "0", "DLRM_STORE_PIN_MB": str(args.pin_mb)}
     run = subprocess.run(command, preexec_fn=enter_cgroup, capture_output=True, text=True, env=env, timeout=args.seconds + 1800)
     events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0 or not events:
@@ -391,7 +393,8 @@ def plot(resident: List[Dict[str, Any]], cold: List[Dict[str, Any]], title: str,
 
 def plot_title(entry: str, size: int, order: str, args: argparse.Namespace, how: str) -> str:
     return (f"{entry} ({size / 1e9:.1f} GB, {order})\nZipf alpha {args.alpha} ({args.hot_rows} hot ids"
-            f"{f', drift {args.drift:.0%}' if args.drift else ''}), batch {args.batch}, 1 thread, prefetch {args.prefetch}; "
+            f"{f', drift {args.drift:.0%}' if args.drift else ''}), batch {args.batch}, 1 thread, prefetch {args.prefetch}"
+            f"{f', pinned {args.pin_mb:.0f} MB' if args.pin_mb else ''}; "
             f"cold run: {how.split(' (')[0]}")  # fmt: skip
 
 
@@ -422,6 +425,8 @@ def parse_args() -> argparse.Namespace:
                         help="share of the ranks whose ids changed between the counted period and the measured one")
     parser.add_argument("--prefetch", choices=["on", "off"], default="on",
                         help="a batch's missing pages asked for together before its lookup (the store's default: on)")
+    parser.add_argument("--pin-mb", type=float, default=0,
+                        help="DLRM_STORE_PIN_MB of the runs: MB of the ordered entry's maps and hottest rows locked in memory")
     parser.add_argument("--baseline", action="store_true",
                         help="also run the unordered entry, resident, without prefetch: the throughput before ordering")
     parser.add_argument("--keep-ordered", action="store_true", help="keep the ordered entry (default: deleted after the runs)")
@@ -488,7 +493,10 @@ def main() -> None:
     procs, how = memory_cgroup(limit)
     print(f"== cold run: entry {resident_fraction(path):.0%} in the page cache; RAM {how}", flush=True)
     c_mapped, cold = run_child(args, config, procs, prefetch)
-    print(f"   model mapped in {c_mapped['seconds']:.1f} s with the entry cold (resident run: {r_mapped['seconds']:.1f} s)")
+    print(f"   model mapped in {c_mapped['seconds']:.1f} s with the entry cold (resident run: {r_mapped['seconds']:.1f} s)"
+          f"{'; pinned ' + str(args.pin_mb) + ' MB' if c_mapped.get('pinned') else ''}")  # fmt: skip
+    if args.pin_mb and not (c_mapped.get("pinned") and r_mapped.get("pinned")):
+        sys.exit("--pin-mb: the workload could not lock its pinned tier (mlock refused: raise `ulimit -l`, or run with CAP_IPC_LOCK)")
     if args.order == "counts" and not args.keep_ordered:
         os.unlink(path)
         print(f"   deleted {path} (--keep-ordered keeps it)")

@@ -10,8 +10,11 @@ too; the handler counts the ids it looks up and the merge command turns workers'
 into a config for an ordered entry; training writes the counts of its data.
 """
 
+import ctypes
+import errno
 import gc
 import json
+import mmap
 import os
 import random
 import subprocess
@@ -212,23 +215,83 @@ def test_the_prefetch_stands_down_when_no_lookup_reads_from_disk(tmp_path: Any) 
     assert 0 < prefetcher.stats["prefetched"] < 300  # on at the start, off once no batch reads from disk
 
 
-def test_the_hottest_pages_over_all_tables_are_pinned_and_scores_do_not_change(tmp_path: Any, monkeypatch: Any) -> None:
-    """DLRM_STORE_PIN_MB: the ordered entry's maps and hottest rows, chosen over all tables
-    by their counted lookups, locked in memory (the file's pages: VmLck, no private copy)."""
+def test_the_hottest_pages_over_all_tables_are_chosen_for_the_pinned_tier(tmp_path: Any) -> None:
+    """hottest_rows: the budget's pages go to the pages with the most counted lookups, over
+    all tables: a hot table's whole prefix before a cold table's first page."""
+    hot, cold = (np.arange(2000), np.full(2000, 1000)), (np.arange(2000), np.ones(2000, np.int64))
+    path = str(tmp_path / "counts.safetensors")
+    dlrm_row_order.write_counts(path, [("cat_0", 10_000), ("cat_1", 10_000)], {"cat_0": cold, "cat_1": hot}, samples=1000)
+    tables = [("cat_0", 20), ("cat_1", 20)]  # 204 rows a 4 KiB page; 2,000 counted ids: 10 pages a table
+
+    assert dlrm_row_order.hottest_rows(path, tables, 5 * 4096) == {"cat_0": 0, "cat_1": 5 * 204}
+    assert dlrm_row_order.hottest_rows(path, tables, 12 * 4096) == {"cat_0": 2 * 204, "cat_1": 10 * 204}
+    assert dlrm_row_order.hottest_rows(path, tables, 4095) == {"cat_0": 0, "cat_1": 0}
+
+
+def test_the_pinned_tier_is_locked_file_pages_and_scores_do_not_change(tmp_path: Any, monkeypatch: Any) -> None:
+    """DLRM_STORE_PIN_MB: the ordered entry's maps and hottest rows locked in memory (the
+    file's pages: VmLck grows, no private copy)."""
     config = small_model_config(num_embeddings_per_feature=[200_000, 100_000, 50_000], table_store=str(tmp_path / "store"))
     config["id_counts"] = write_counts(str(tmp_path / "counts.safetensors"), config, ids_per_table=5000)
+    pin_bytes = 4 * sum(config["num_embeddings_per_feature"]) + 64 * 4096  # the maps and 64 pages of rows
+    if not mlock_allowed(2 * pin_bytes):
+        pytest.skip(f"this process may not lock {2 * pin_bytes} bytes (ulimit -l, no CAP_IPC_LOCK)")
     expected = scores_of(DLRMFactory(config), config)
-    maps = 4 * sum(config["num_embeddings_per_feature"])
-    monkeypatch.setattr("dlrm_table_store.PIN_BYTES", maps + 64 * 4096)
+    monkeypatch.setattr("dlrm_table_store.PIN_BYTES", pin_bytes)
     locked_before = vm_locked_kib()
 
     pinned = DLRMFactory(config)
 
+    assert pinned.pinned_rows is not None
     assert scores_of(pinned, config) == expected
-    assert vm_locked_kib() - locked_before >= (maps + 64 * 4096) // 1024  # the maps and 64 pages of rows (a few more at range edges)
+    assert vm_locked_kib() - locked_before >= pin_bytes // 1024  # a few pages more at range edges
     assert smaps_of(os.getpid(), pinned.table_store_entry["path"])["Anonymous"] == 0
-    hottest = dlrm_row_order.hottest_rows(config["id_counts"], [("cat_0", 20), ("cat_1", 20), ("cat_2", 20)], 64 * 4096)
-    assert sum(hottest.values()) == 64 * (4096 // 20) and all(rows > 0 for rows in hottest.values())
+
+
+def test_a_refused_pin_warns_and_leaves_the_rows_in_the_page_cache(tmp_path: Any, monkeypatch: Any, caplog: Any) -> None:
+    """mlock refused (``ulimit -l``, a memory limit): a warning that says what to change,
+    nothing locked, the same scores."""
+    config = small_model_config(num_embeddings_per_feature=[20_000, 10_000, 5_000], table_store=str(tmp_path / "store"))
+    config["id_counts"] = write_counts(str(tmp_path / "counts.safetensors"), config)
+    expected = scores_of(DLRMFactory(config), config)
+    monkeypatch.setattr("dlrm_table_store.PIN_BYTES", 10**6)
+    monkeypatch.setattr("dlrm_table_store._libc", RefusingMlock())
+    locked_before = vm_locked_kib()
+
+    unpinned = DLRMFactory(config)
+
+    assert unpinned.pinned_rows is None
+    assert scores_of(unpinned, config) == expected
+    assert vm_locked_kib() == locked_before
+    assert "could not pin" in caplog.text and "ulimit -l" in caplog.text and "DLRM_STORE_PIN_MB" in caplog.text
+
+
+class RefusingMlock:
+    """libc as the kernel of a process over its RLIMIT_MEMLOCK sees it: mlock fails, ENOMEM."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.libc, name)
+
+    def mlock(self, address: int, length: int) -> int:
+        ctypes.set_errno(errno.ENOMEM)
+        return -1
+
+
+def mlock_allowed(nbytes: int) -> bool:
+    """Whether this process may lock ``nbytes`` (tried on an anonymous mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    probe = mmap.mmap(-1, nbytes)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(probe))
+    try:
+        return libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(nbytes)) == 0
+    finally:
+        libc.munlock(ctypes.c_void_p(address), ctypes.c_size_t(nbytes))
+        del address
+        gc.collect()
+        probe.close()
 
 
 def vm_locked_kib() -> int:
