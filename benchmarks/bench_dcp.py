@@ -1,8 +1,8 @@
 """Training as TorchRec does (torchrun, sharded tables) and serving its DCP checkpoint: the figures.
 
-    flock -x /work/locks/machine .venv/bin/python benchmarks/bench_dcp.py train
-    flock -x /work/locks/machine .venv/bin/python benchmarks/bench_dcp.py build
-    flock -x /work/locks/machine .venv/bin/python benchmarks/bench_dcp.py data
+    .venv/bin/python benchmarks/bench_dcp.py train
+    .venv/bin/python benchmarks/bench_dcp.py build
+    .venv/bin/python benchmarks/bench_dcp.py data
 
 ``train``: ``examples/train_dlrm.py`` with the same arguments (its defaults: 8M synthetic
 samples, Criteo's 26 tables capped at 100,000 rows, D = 32) in one process and under

@@ -2,7 +2,7 @@
 (model_config.json, seed 0) by 2.0 (the same sizes, seed 1) while 8 connections send
 random one-sample requests to /predictions/dlrm.
 
-    flock -x /work/locks/machine .venv/bin/python benchmarks/bench_update.py   # ~7 min
+    .venv/bin/python benchmarks/bench_update.py   # ~7 min
 
 Three swaps, each on a TorchServe of its own (the repo's config.properties and
 model-config.yaml: 2 workers a version), 1.0's entry in the table store (``--store``,
