@@ -550,13 +550,17 @@ def run(args: argparse.Namespace, ranks: Optional[Ranks]) -> Dict[str, Any]:
         training.update(world_size=ranks.world_size, sharding=sharding)
     example = None if held_out is None else held_out.slice(0, REQUEST_SAMPLES)
     checkpoint, config_path = save(model, config, args.out, training, example, ranks)
-    if ranks is not None and ranks.rank != 0:
-        return training
-    criteo_data.write_id_counts(os.path.join(args.out, criteo_data.ID_COUNTS_FILE), data, table_sizes, keys, seen)
-    for key, value in figures.items():
-        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
-    print(f"wrote {checkpoint} and {config_path}; package them for TorchServe with:\n"
-          f"  ./create_dlrm_mar.sh --config {config_path} --checkpoint {checkpoint}")  # fmt: skip
+    if ranks is None or ranks.rank == 0:
+        criteo_data.write_id_counts(os.path.join(args.out, criteo_data.ID_COUNTS_FILE), data, table_sizes, keys, seen)
+        for key, value in figures.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+        print(f"wrote {checkpoint} and {config_path}; package them for TorchServe with:\n"
+              f"  ./create_dlrm_mar.sh --config {config_path} --checkpoint {checkpoint}")  # fmt: skip
+    if ranks is not None:
+        # Every rank leaves together, then destroys the process group (a collective call): a
+        # rank that tore its gloo context down while rank 0 still wrote the id counts was
+        # once aborted on exit ("terminate called without an active exception").
+        dist.barrier()
     return training
 
 
