@@ -9,6 +9,8 @@ next to the same workload with the entry resident.
     .venv/bin/python benchmarks/bench_store.py --pin-mb 3200      # a pinned hot tier of 3.2 GB
     .venv/bin/python benchmarks/bench_store.py sizing --alpha 1.05  # RAM for a hit rate (no run)
     .venv/bin/python benchmarks/bench_store.py verify             # the background check's window
+    .venv/bin/python benchmarks/bench_store.py resident --seconds 40 --warmup 10 --plot benchmarks/plots/bench_store_resident.png
+                                                                  # resident: ordered + prefetch vs unordered, interleaved
     .venv/bin/python benchmarks/bench_store.py --quick            # small tables, ~1 min
 
 What runs:
@@ -36,6 +38,11 @@ What runs:
    line: after warm-up (``--warmup`` seconds), the cold run's median samples/s over the
    resident run's, and the largest resident fraction meanwhile; the last line
    ``ltr: resident=R cold=C ratio=X resident_fraction=F p99_ratio=P``.
+
+``resident``: the resident cost of order and prefetch, interleaved: ``--rounds`` rounds, each
+running the unordered entry without prefetch and the ordered one with it (each read into the
+page cache first, the other dropped), in alternating order; a table of each round's median
+samples/s after ``--warmup`` and their ratio, and the JSON next to ``--plot``.
 
 Ids: for each table of R rows, rank k in 1..R is drawn with probability ~ k^-alpha (alpha =
 1.05 like real click logs; continuous inverse-CDF of the bounded power law), and rank k is
@@ -405,7 +412,7 @@ def parse_size(text: str) -> int:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="paging", choices=["paging", "sizing", "verify", "_run"])
+    parser.add_argument("mode", nargs="?", default="paging", choices=["paging", "sizing", "verify", "resident", "_run"])
     parser.add_argument("--config", default=os.path.join(REPO, "model_config.json"), help="model config JSON (served on the CPU)")
     parser.add_argument("--store", default=default_store_dir(),
                         help="table store directory (default: serving's, $DLRM_TABLE_STORE or ~/.cache/dlrm/table_store)")
@@ -425,6 +432,7 @@ def parse_args() -> argparse.Namespace:
                         help="share of the ranks whose ids changed between the counted period and the measured one")
     parser.add_argument("--prefetch", choices=["on", "off"], default="on",
                         help="a batch's missing pages asked for together before its lookup (the store's default: on)")
+    parser.add_argument("--rounds", type=int, default=3, help="resident: rounds of the interleaved comparison")
     parser.add_argument("--pin-mb", type=float, default=0,
                         help="DLRM_STORE_PIN_MB of the runs: MB of the ordered entry's maps and hottest rows locked in memory")
     parser.add_argument("--baseline", action="store_true",
@@ -436,6 +444,51 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--plot", default=PLOT)
     parser.add_argument("--config-json", help=argparse.SUPPRESS)
     return parser.parse_args()
+
+
+def ordered_entry(args: argparse.Namespace, config: Dict[str, Any], cfg: Dict[str, Any]) -> str:
+    """The ordered entry's path, built if missing from the counts of ``--count-samples`` samples
+    of a separate stream (counted first if missing); sets ``config["id_counts"]``."""
+    counts = os.path.join(args.store, "bench_counts", f"alpha{args.alpha}-{args.hot_rows}-n{args.count_samples}.safetensors")
+    if not os.path.exists(counts):
+        os.makedirs(os.path.dirname(counts), exist_ok=True)
+        started = time.perf_counter()
+        write_id_counts(counts, cfg["id_list_features_keys"], cfg["num_embeddings_per_feature"], args.count_samples,
+                        args.alpha, args.hot_rows == "scattered")  # fmt: skip
+        print(f"   counted {args.count_samples:,} samples of a separate stream in {time.perf_counter() - started:.1f} s: {counts}")
+    config["id_counts"] = counts
+    mapped, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, False)
+    print(f"   ordered: {mapped['path']}: {os.path.getsize(mapped['path']) / 1e9:.2f} GB "
+          f"({'built' if mapped['built'] else 'found'} in {mapped['seconds']:.1f} s)", flush=True)  # fmt: skip
+    return mapped["path"]
+
+
+def resident_ab(args: argparse.Namespace, config: Dict[str, Any], plain: str, ordered: str) -> None:
+    """The resident cost of order and prefetch, interleaved: each round runs the unordered
+    entry without prefetch (as before ordering) and the ordered one with it, each read into
+    the page cache first (the other dropped: RAM may not hold both), in alternating order;
+    the median samples/s after ``--warmup`` of each run, and the ratio of each round."""
+    variants = {"unordered": ({**config, "id_counts": None}, plain, False), "ordered": (config, ordered, True)}
+    rows = []
+    for k in range(args.rounds):
+        medians = {}
+        for name in (["unordered", "ordered"] if k % 2 == 0 else ["ordered", "unordered"]):
+            variant_config, path, prefetch = variants[name]
+            drop_from_page_cache(ordered if path == plain else plain)
+            read_into_page_cache(path)
+            windows = run_child(args, variant_config, None, prefetch)[1]
+            medians[name] = statistics.median(w["samples_per_s"] for w in windows if w["t"] > args.warmup)
+            print(f"   round {k + 1}, {name}: {medians[name]:,.0f} samples/s", flush=True)
+        rows.append({**medians, "ratio": medians["ordered"] / medians["unordered"]})
+    print("| round | unordered, no prefetch: samples/s | ordered + prefetch: samples/s | ratio |")
+    print("| ---: | ---: | ---: | ---: |")
+    for k, row in enumerate(rows):
+        print(f"| {k + 1} | {row['unordered']:,.0f} | {row['ordered']:,.0f} | {row['ratio']:.3f}× |")
+    ratios = sorted(row["ratio"] for row in rows)
+    print(f"ordered + prefetch, resident: median ratio {statistics.median(ratios):.3f}x the unordered entry "
+          f"(rounds: {', '.join(f'{r:.3f}' for r in ratios)})")  # fmt: skip
+    with open(os.path.splitext(args.plot)[0] + ".json", "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items() if k != "config_json"}, "rounds": rows}, f, indent=1)
 
 
 def main() -> None:
@@ -462,25 +515,14 @@ def main() -> None:
     plain, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, False)
     print(f"   {plain['path']}: {os.path.getsize(plain['path']) / 1e9:.2f} GB ({'built' if plain['built'] else 'found'} "
           f"in {plain['seconds']:.1f} s)", flush=True)  # fmt: skip
+    if args.mode == "resident":
+        return resident_ab(args, config, plain["path"], ordered_entry(args, config, cfg))
     baseline = None
     if args.baseline:
         read_into_page_cache(plain["path"])
         print("== baseline: the unordered entry, resident, no prefetch (as before ordering)", flush=True)
         baseline = run_child(args, config, None, False)[1]
-    path = plain["path"]
-    if args.order == "counts":
-        counts = os.path.join(args.store, "bench_counts", f"alpha{args.alpha}-{args.hot_rows}-n{args.count_samples}.safetensors")
-        if not os.path.exists(counts):
-            os.makedirs(os.path.dirname(counts), exist_ok=True)
-            started = time.perf_counter()
-            write_id_counts(counts, cfg["id_list_features_keys"], cfg["num_embeddings_per_feature"], args.count_samples,
-                            args.alpha, args.hot_rows == "scattered")  # fmt: skip
-            print(f"   counted {args.count_samples:,} samples of a separate stream in {time.perf_counter() - started:.1f} s: {counts}")
-        config["id_counts"] = counts
-        mapped, _ = run_child(argparse.Namespace(**{**vars(args), "seconds": 0}), config, None, False)
-        print(f"   ordered: {mapped['path']}: {os.path.getsize(mapped['path']) / 1e9:.2f} GB "
-              f"({'built' if mapped['built'] else 'found'} in {mapped['seconds']:.1f} s)", flush=True)  # fmt: skip
-        path = mapped["path"]
+    path = ordered_entry(args, config, cfg) if args.order == "counts" else plain["path"]
     size = os.path.getsize(path)
 
     if path != plain["path"]:
