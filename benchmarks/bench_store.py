@@ -59,6 +59,7 @@ ideal cache keeps them).
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -449,7 +450,9 @@ def parse_args() -> argparse.Namespace:
 def ordered_entry(args: argparse.Namespace, config: Dict[str, Any], cfg: Dict[str, Any]) -> str:
     """The ordered entry's path, built if missing from the counts of ``--count-samples`` samples
     of a separate stream (counted first if missing); sets ``config["id_counts"]``."""
-    counts = os.path.join(args.store, "bench_counts", f"alpha{args.alpha}-{args.hot_rows}-n{args.count_samples}.safetensors")
+    tables = hashlib.sha256(json.dumps(cfg["num_embeddings_per_feature"]).encode()).hexdigest()[:8]  # --quick's differ
+    counts = os.path.join(args.store, "bench_counts",
+                          f"alpha{args.alpha}-{args.hot_rows}-n{args.count_samples}-tables{tables}.safetensors")  # fmt: skip
     if not os.path.exists(counts):
         os.makedirs(os.path.dirname(counts), exist_ok=True)
         started = time.perf_counter()
