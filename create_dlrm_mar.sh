@@ -95,9 +95,9 @@ config["checkpoint"] = packaged
 counts = config.get("id_counts") or ""
 config["id_counts"] = "id_counts.safetensors" if counts else None
 if counts:  # an ordered entry: the counts packaged, their sha256 beside them (the key)
-    packaged = os.path.join(os.path.dirname(staged), "id_counts.safetensors")
-    os.symlink(os.path.abspath(counts), packaged)
-    with open(f"{packaged}.sha256", "w") as f:
+    staged_counts = os.path.join(os.path.dirname(staged), "id_counts.safetensors")
+    os.symlink(os.path.abspath(counts), staged_counts)
+    with open(f"{staged_counts}.sha256", "w") as f:
         f.write(f"{file_sha256(counts)}  id_counts.safetensors\n")
 with open(staged, "w") as f:
     json.dump(config, f, indent=2)

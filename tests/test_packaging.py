@@ -18,6 +18,7 @@ from dlrm_factory import DLRMFactory
 from dlrm_handler import TorchRecDLRMHandler
 from test_checkpoint import float_dlrm
 from test_handler import direct_scores, one_sample, stand_in_context, two_samples
+from test_row_order import write_counts
 
 SCRIPT = os.path.join(REPO, "create_dlrm_mar.sh")
 
@@ -121,3 +122,22 @@ def test_checkpoint_is_packaged_and_served_by_the_handler(tmp_path: Any) -> None
     direct = DLRMFactory(small_model_config(checkpoint=str(checkpoint)))
     assert answers[0]["score"] == pytest.approx(direct_scores(direct, requests[0])[0], rel=0, abs=1e-7)
     assert answers[1]["score"] == pytest.approx(direct_scores(direct, requests[1]), rel=0, abs=1e-7)
+
+
+def test_a_checkpoint_and_id_counts_each_get_their_own_sha256_file(tmp_path: Any) -> None:
+    """Both packaged: checkpoint.pt.sha256 holds the checkpoint's digest and
+    id_counts.safetensors.sha256 the counts' (the table store key trusts both)."""
+    checkpoint = tmp_path / "trained.pt"
+    torch.save(float_dlrm(small_model_config()).state_dict(), checkpoint)
+    config = small_model_config()
+    counts = tmp_path / "counts.safetensors"
+    config["id_counts"] = write_counts(str(counts), config)
+    (tmp_path / "small.json").write_text(json.dumps(config))
+    result = create_mar("--config", str(tmp_path / "small.json"), "--checkpoint", str(checkpoint), "--export-path", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+
+    with zipfile.ZipFile(tmp_path / "dlrm.mar") as mar:
+        checkpoint_sidecar = mar.read("checkpoint.pt.sha256").decode()
+        counts_sidecar = mar.read("id_counts.safetensors.sha256").decode()
+    assert checkpoint_sidecar == f"{hashlib.sha256(checkpoint.read_bytes()).hexdigest()}  checkpoint.pt\n"
+    assert counts_sidecar == f"{hashlib.sha256(counts.read_bytes()).hexdigest()}  id_counts.safetensors\n"
