@@ -717,12 +717,10 @@ def pin_leading_rows(entry: Entry, rows: Dict[str, int]) -> Optional[mmap.mmap]:
     cache's pages themselves: N workers pin one copy). The mapping, kept alive by the caller
     (unmapping unlocks), or None when nothing was asked or the kernel refused (``ulimit -l``,
     a memory limit): then the rows stay in the page cache's LRU, as without pinning."""
-    names = [name for name, _, _ in entry_tensors(entry.layouts)]
-    starts = {name: first for name, (first, _) in tensor_file_offsets(entry.path, names).items()}
-    ranges = [(starts[f"tbe{k}"] + t["offset"], min(rows.get(t["name"], 0), t["rows"]) * t["row_bytes"])
+    offsets = tensor_file_offsets(entry.path, [name for name, _, _ in entry_tensors(entry.layouts)])
+    ranges = [(offsets[f"tbe{k}"][0] + t["offset"], min(rows.get(t["name"], 0), t["rows"]) * t["row_bytes"])
               for k, layout in enumerate(entry.layouts) for t in layout["tables"]]  # fmt: skip
-    ranges += [(first, end - first) for name, (first, end) in tensor_file_offsets(entry.path, names).items()
-               if name.startswith("map")]  # fmt: skip
+    ranges += [(first, end - first) for name, (first, end) in offsets.items() if name.startswith("map")]
     ranges = [(first, length) for first, length in ranges if length > 0]
     if not ranges:
         return None
