@@ -150,11 +150,13 @@ class TorchServe:
     must ``exec`` its arguments (so the pid and process group stay the server's): e.g.
     ``read_only_launcher(store)``, to serve a table store from a read-only mount."""
 
+    # No worker count: a model loaded at start (``models``) gets TorchServe's own default,
+    # one worker per GPU, else one per CPU core, as with the shipped config.properties
+    # (``make demo``, the benchmarks). The tests' servers set one (tests/serving.py).
     DEFAULT_PROPERTIES = {
         "disable_token_authorization": "true",
         "enable_model_api": "true",
         "install_py_dep_per_model": "false",
-        "default_workers_per_model": "1",
     }
 
     def __init__(

@@ -93,7 +93,11 @@ def build_mar(
 
 class TorchServe(torchserve_process.TorchServe):
     """A private TorchServe (scripts/torchserve_process.py) that counts the handler's runs.
-    Its waits raise ``TorchServeError`` with the server's logs: in a test, a failure."""
+    Its waits raise ``TorchServeError`` with the server's logs: in a test, a failure.
+    A model loaded at start gets one worker (``default_workers_per_model``), not TorchServe's
+    one per core: the tests that want more scale them."""
+
+    DEFAULT_PROPERTIES = {**torchserve_process.TorchServe.DEFAULT_PROPERTIES, "default_workers_per_model": "1"}
 
     def model_log(self, text: str = "", count: int = 1, timeout: float = 30) -> str:
         """The workers' log (model_log.log) once it holds ``text`` at least ``count`` times:

@@ -396,17 +396,17 @@ def test_the_gpu_check_says_there_is_no_gpu_here_and_exits_0() -> None:
 # --- workers: TorchServe's default, from the devices --------------------------------------------
 
 
-def test_the_shipped_configs_let_torchserve_start_its_default_workers(tmp_path: Any, monkeypatch: Any) -> None:
+def test_the_shipped_configs_let_torchserve_start_its_default_workers(tmp_path: Any) -> None:
     """Neither model-config.yaml nor config.properties sets a worker count, so TorchServe 0.12
     starts a preloaded dlrm.mar with its default: one worker per GPU, else (here) one per CPU
-    core, the counts its log states. (The test servers' own default of 1 worker is removed.)"""
+    core, the counts its log states. The server is scripts/torchserve_process.py's, as
+    ``make demo`` and the benchmarks start it (the tests' servers set one worker)."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: scripts/gpu_check.py covers GPU hosts")
-    from serving import TorchServe, build_mar
-    from torchserve_process import read_properties
+    from serving import build_mar
+    from torchserve_process import TorchServe, read_properties
 
     build_mar(small_model_config(device="auto"), str(tmp_path))
-    monkeypatch.delitem(TorchServe.DEFAULT_PROPERTIES, "default_workers_per_model")
     properties = read_properties(os.path.join(REPO, "config.properties"), resolve_paths=True)
     server = TorchServe(str(tmp_path), str(tmp_path / "model_store"), properties=properties, models=["dlrm=dlrm.mar"],
                         env={"DLRM_TABLE_STORE": str(tmp_path / "table_store")})  # fmt: skip
