@@ -1,7 +1,7 @@
 """What a compact id -> row map would cost a batch: the design named (not built) to close the
 gap left in "Tables larger than RAM" (README), measured before anyone builds it.
 
-    .venv/bin/python benchmarks/bench_compact_map.py            # the full default's 26 tables, ~2 min
+    .venv/bin/python benchmarks/bench_compact_map.py            # the full default's 26 tables, ~30 s
     .venv/bin/python benchmarks/bench_compact_map.py --tiers 2 --batches 500
 
 Today an ordered entry's map is fbgemm's ``index_remappings_array``: an int32 per id, 0.71 GB
@@ -14,7 +14,7 @@ each tier's ids in id order, then the ids in no tier, in id order::
                 = hot[f] + i - (ids of any tier below i)              otherwise
 
 found with one bitmap per tier and the tier's set bits before each 64-bit word (``rank``):
-12 B per 64 ids per tier (0.19 B an id; 4 tiers: 134 MB instead of 712 MB). The tiers'
+12 B per 64 ids per tier (0.19 B an id; 4 tiers: 133 MB instead of 712 MB). The tiers'
 words and counts of one id sit next to each other ([words, tiers] arrays): one or two cache
 lines an id, as fbgemm's map is one.
 
@@ -33,14 +33,12 @@ map_mb=.. compact_mb=..``.
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 FIRST_TIER_IDS = 1 << 16
 TIER_GROWTH = 8
@@ -158,13 +156,15 @@ def run(rows: Sequence[int], tiers: int, batch: int, batches: int, seed: int = 0
     limits = np.asarray(rows, dtype=np.int64)[table]
     ids = [(rng.random(table.size) * limits).astype(np.int64) for _ in range(batches)]
     expected = [remap_numpy(m, table, x) for x in ids]
+    table_offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
     if sum(rows) <= 10_000_000:  # the rule, whole: each table's map is a permutation of its rows
         maps = full_map(m, rows)
         assert all(np.array_equal(np.sort(mp), np.arange(r)) for mp, r in zip(maps, rows))
-        assert all(np.array_equal(e, np.concatenate(maps)[np.cumsum([0] + list(rows))[table] + x]) for e, x in zip(expected, ids))
+        whole = np.concatenate(maps)
+        assert all(np.array_equal(e, whole[table_offsets[table] + x]) for e, x in zip(expected, ids))
 
     # today: fbgemm's map, an int32 an id (the same bytes touched, whatever the values)
-    offsets_of_tables = torch.tensor(np.concatenate([[0], np.cumsum(rows)]), dtype=torch.int64)
+    offsets_of_tables = torch.from_numpy(table_offsets)
     full = torch.arange(int(sum(rows)), dtype=torch.int32) - torch.repeat_interleave(offsets_of_tables[:-1].to(torch.int32), torch.tensor(rows))
     bag_offsets = torch.arange(table.size + 1, dtype=torch.int32)
     indices = [torch.from_numpy(x.astype(np.int32)) for x in ids]
@@ -197,14 +197,12 @@ def main() -> None:
         rows = json.load(f)["num_embeddings_per_feature"]
     r = run(rows, args.tiers, args.batch, args.batches)
     numba_cell = f"{r['numba_us']:.1f}" if r["numba_us"] is not None else "not installed"
+    numba_ratio = f"{r['numba_us'] / r['fbgemm_us']:.2f}x" if r["numba_us"] is not None else "-"
     print(f"{r['tables']} tables, {r['rows']:,} rows; batches of {r['batch']} samples ({r['ids_a_batch']} ids); 1 thread\n")
     print("| id -> row map | bytes | us a batch | vs fbgemm |\n| --- | ---: | ---: | ---: |")
     print(f"| fbgemm `pruned_array_lookup`, int32 an id (today) | {r['map_mb']:.0f} MB | {r['fbgemm_us']:.1f} | 1.00x |")
     print(f"| compact, {r['tiers']} tiers, numpy | {r['compact_mb']:.0f} MB | {r['numpy_us']:.1f} | {r['numpy_us'] / r['fbgemm_us']:.2f}x |")
-    if r["numba_us"] is not None:
-        print(f"| compact, {r['tiers']} tiers, numba | {r['compact_mb']:.0f} MB | {r['numba_us']:.1f} | {r['numba_us'] / r['fbgemm_us']:.2f}x |")
-    else:
-        print(f"| compact, {r['tiers']} tiers, numba | {r['compact_mb']:.0f} MB | not installed | - |")
+    print(f"| compact, {r['tiers']} tiers, numba | {r['compact_mb']:.0f} MB | {numba_cell} | {numba_ratio} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(r, f, indent=1)
